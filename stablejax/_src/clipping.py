@@ -1,0 +1,326 @@
+"""Global-norm clipping that never manufactures a NaN, and z-score adaptive clipping.
+
+Both transformations compute the gradient's global norm from per-leaf sums of
+squares in float32. When they run as the first transformation inside
+:func:`stablejax.optim.guard`, they reuse the norm the guard already computed
+for its skip decision, so the gradient is read once for both (see
+:func:`shared_norm`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from stablejax._src import validation
+from stablejax._src.typing import Array, PyTree
+
+_WHERE_CLIP = "stablejax.optim.clip_by_global_norm"
+_WHERE_ADAPTIVE = "stablejax.optim.adaptive_clip"
+
+
+def leaf_sumsq(leaves: Sequence[Any]) -> Array:
+    """Returns the float32 sum of squares of each leaf, stacked into one vector.
+
+    A leaf's entry is non-finite iff the leaf holds a NaN or Inf, or its sum of
+    squares overflows float32 (entries beyond about 1e19). Non-float leaves
+    (integer or ``float0`` gradients) contribute 0.
+    """
+    out = []
+    for x in leaves:
+        x = jnp.asarray(x)
+        if jnp.issubdtype(x.dtype, jnp.complexfloating):
+            out.append(jnp.sum(jnp.square(jnp.abs(x)).astype(jnp.float32)))
+        elif jnp.issubdtype(x.dtype, jnp.floating):
+            out.append(jnp.sum(jnp.square(x.astype(jnp.float32))))
+        else:
+            out.append(jnp.zeros([], jnp.float32))
+    if not out:
+        return jnp.zeros([0], jnp.float32)
+    return jnp.stack(out)
+
+
+class _NormHint(NamedTuple):
+    leaves: tuple[Any, ...]
+    norm: Array
+
+
+_HINTS = threading.local()
+
+
+@contextlib.contextmanager
+def shared_norm(leaves: Sequence[Any], norm: Array) -> Iterator[None]:
+    """Offers ``norm`` to the clipping transformations traced inside the block.
+
+    A clip reuses the norm only if the updates it receives are *the same traced
+    objects* as ``leaves``, that is, if it is the first transformation to see
+    the gradient. Anywhere else it computes its own norm, so the hint can never
+    give a wrong answer; it only removes a second pass over the gradient.
+    """
+    stack = getattr(_HINTS, "stack", None)
+    if stack is None:
+        stack = _HINTS.stack = []
+    stack.append(_NormHint(tuple(leaves), norm))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _hinted_norm(leaves: Sequence[Any]) -> Array | None:
+    stack = getattr(_HINTS, "stack", None)
+    if not stack:
+        return None
+    hint = stack[-1]
+    if len(hint.leaves) == len(leaves) and all(a is b for a, b in zip(hint.leaves, leaves)):
+        return hint.norm
+    return None
+
+
+def global_norm(updates: PyTree, axis_name: str | None = None) -> Array:
+    """Float32 global norm :math:`\\sqrt{\\sum_i \\|g_i\\|^2}`, summed over ``axis_name``."""
+    leaves = jax.tree.leaves(updates)
+    hinted = _hinted_norm(leaves)
+    if hinted is not None:
+        return hinted
+    total = jnp.sum(leaf_sumsq(leaves))
+    if axis_name is not None:
+        total = lax.psum(total, axis_name)
+    return jnp.sqrt(total)
+
+
+def clip_to(updates: PyTree, norm: Array, threshold: Array, axis_name: str | None) -> PyTree:
+    """Rescales ``updates`` to global norm ``threshold`` when ``norm`` exceeds it.
+
+    The finite case is :math:`g \\cdot \\min(1, c/\\|g\\|)`, with the scale 1 when
+    :math:`\\|g\\| \\le c` (so zero gradients with :math:`c = 0` stay 0). A
+    non-finite ``norm`` takes a separate branch that the finite path never pays
+    for:
+
+    * overflow (every entry finite, the sum of squares is not): the norm is
+      recomputed after dividing by the largest magnitude, then clipped as usual;
+    * some entries are :math:`\\pm\\infty` and none NaN: the result is the limit
+      of clipping as those entries grow, :math:`c\\,\\mathrm{sign}(g_j)/\\sqrt{k}`
+      on the :math:`k` infinite entries and 0 elsewhere, so Inf never becomes NaN;
+    * some entry is NaN: there is no direction to keep, the updates pass through
+      unchanged and :func:`stablejax.optim.guard` skips the step.
+    """
+    leaves, treedef = jax.tree.flatten(updates)
+    threshold = jnp.asarray(threshold, jnp.float32)
+
+    def finite_path(leaves):
+        scale = jnp.where(norm > threshold, threshold / jnp.where(norm > 0, norm, 1.0), 1.0)
+        return [x * scale.astype(x.dtype) for x in leaves]
+
+    def nonfinite_path(leaves):
+        floats = [x for x in leaves if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+        red = (lambda v: lax.psum(v, axis_name)) if axis_name else (lambda v: v)
+        redmax = (lambda v: lax.pmax(v, axis_name)) if axis_name else (lambda v: v)
+        n_nan = red(sum(jnp.sum(jnp.isnan(x)).astype(jnp.float32) for x in floats))
+        n_inf = red(sum(jnp.sum(jnp.isinf(x)).astype(jnp.float32) for x in floats))
+        big = redmax(jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(jnp.float32) for x in floats])))
+        scaled_sq = red(sum(jnp.sum(jnp.square(x.astype(jnp.float32) / big)) for x in floats))
+        norm_over_big = jnp.sqrt(scaled_sq)
+
+        def one(x):
+            if not jnp.issubdtype(x.dtype, jnp.inexact):
+                return x
+            xf = x.astype(jnp.float32)
+            inf_dir = jnp.where(jnp.isinf(xf), jnp.sign(xf), 0.0) * (
+                threshold / jnp.sqrt(jnp.maximum(n_inf, 1.0))
+            )
+            # ||x|| = big * norm_over_big > threshold whenever we are here.
+            overflow = xf / big * (threshold / norm_over_big)
+            out = jnp.where(n_inf > 0, inf_dir, overflow)
+            keep = (n_nan > 0) | ~jnp.isfinite(threshold)
+            return jnp.where(keep, xf, out).astype(x.dtype)
+
+        return [one(x) for x in leaves]
+
+    if not any(jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact) for x in leaves):
+        return updates
+    out = lax.cond(jnp.isfinite(norm), finite_path, nonfinite_path, leaves)
+    return jax.tree.unflatten(treedef, out)
+
+
+def clip_by_global_norm(
+    max_norm: float, *, axis_name: str | None = None
+) -> optax.GradientTransformation:
+    """Clips updates to a global norm, without ever turning Inf into NaN.
+
+    .. math::
+
+        g \\leftarrow g \\cdot \\min\\left(1, \\frac{c}{\\|g\\|_2}\\right),
+        \\qquad \\|g\\|_2 = \\sqrt{\\textstyle\\sum_{\\text{leaves}} \\sum g^2}.
+
+    Differences from ``optax.clip_by_global_norm`` (where ``[1, inf, 1]`` becomes
+    ``[0, nan, 0]`` and ``max_norm=0`` on zeros gives NaN): an Inf entry gives
+    the limit of clipping, :math:`c\\,\\mathrm{sign}(g_j)/\\sqrt{k}` on the
+    :math:`k` infinite entries and 0 elsewhere; a finite gradient whose sum of
+    squares overflows float32 is clipped correctly; zero gradients stay 0 for
+    any ``max_norm`` including 0. A NaN entry passes through unchanged for
+    :func:`stablejax.optim.guard` to skip. The norm is reduced in float32 for
+    every input dtype.
+
+    Args:
+      max_norm: the largest global norm :math:`c \\ge 0` let through.
+      axis_name: a ``shard_map``/``pmap`` axis over which the leaves are shards
+        of one gradient; the squared norm is summed over it.
+
+    Returns:
+      An ``optax.GradientTransformation`` with empty state.
+
+    Raises:
+      ValueError: if ``max_norm`` is negative or not finite.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from stablejax.optim import clip_by_global_norm
+      >>> tx = clip_by_global_norm(1.0)
+      >>> u, _ = tx.update(jnp.array([1.0, jnp.inf, 1.0]), tx.init(None))
+      >>> u.tolist()
+      [0.0, 1.0, 0.0]
+    """
+    max_norm = validation.check_nonnegative("max_norm", max_norm, _WHERE_CLIP)
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        norm = global_norm(updates, axis_name)
+        return clip_to(updates, norm, max_norm, axis_name), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class AdaptiveClipState(NamedTuple):
+    """State of :func:`adaptive_clip`.
+
+    Attributes:
+      count: finite steps seen (int32).
+      mean: EMA of the (clipped) global norm (float32).
+      var: EMA of its variance (float32).
+      last_norm: global norm of the latest gradient, before clipping (float32).
+      last_threshold: the threshold applied at the latest step (float32, ``inf``
+        during warm-up).
+    """
+
+    count: Array
+    mean: Array
+    var: Array
+    last_norm: Array
+    last_threshold: Array
+
+
+def adaptive_clip(
+    z_threshold: float = 2.5,
+    *,
+    decay: float = 0.97,
+    warmup_steps: int = 25,
+    axis_name: str | None = None,
+) -> optax.GradientTransformation:
+    """Clips the global norm at a z-score threshold of its own running statistics (ZClip).
+
+    With :math:`\\mu, \\sigma^2` exponential moving averages of past norms and
+    :math:`z = (\\|g\\| - \\mu)/\\sigma`, a step with :math:`z > z_{thr}` is clipped
+    to the reciprocal threshold of ZClip,
+
+    .. math::
+
+        \\|g\\| \\leftarrow \\mu + \\frac{z_{thr}^2}{z}\\,\\sigma ,
+
+    which equals :math:`\\mu + z_{thr}\\sigma` at the threshold and tightens for
+    larger outliers. The statistics are then updated with the clipped norm,
+    :math:`\\delta = n - \\mu`, :math:`\\mu \\mathrel{+}= \\alpha\\delta`,
+    :math:`\\sigma^2 \\leftarrow (1-\\alpha)(\\sigma^2 + \\alpha\\delta^2)` with
+    :math:`\\alpha = \\max(1/t, 1 - \\text{decay})` (exact mean and variance for the
+    first :math:`1/(1-\\text{decay})` steps). During ``warmup_steps`` nothing is
+    clipped. A step with a non-finite norm leaves the statistics untouched and
+    is handled as in :func:`clip_by_global_norm` at the current threshold.
+    :math:`\\sigma` is floored at :math:`0.01\\mu` so a constant history does not
+    clip every increase.
+
+    Args:
+      z_threshold: z-score above which a norm is clipped (> 0).
+      decay: EMA decay of the statistics, in (0, 1).
+      warmup_steps: steps that only collect statistics (>= 1).
+      axis_name: axis over which the leaves are shards of one gradient.
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`AdaptiveClipState`.
+
+    Raises:
+      ValueError: for a non-positive threshold, a decay outside (0, 1) or a
+        warm-up below 1.
+
+    References:
+      Kumar et al., "ZClip: Adaptive Spike Mitigation for LLM Pre-Training",
+      arXiv:2504.02507, 2025.
+    """
+    z_threshold = validation.check_positive("z_threshold", z_threshold, _WHERE_ADAPTIVE)
+    check_unit_interval("decay", decay, _WHERE_ADAPTIVE)
+    check_count("warmup_steps", warmup_steps, _WHERE_ADAPTIVE, minimum=1)
+
+    def init_fn(params):
+        del params
+        f = lambda v: jnp.asarray(v, jnp.float32)
+        return AdaptiveClipState(jnp.zeros([], jnp.int32), f(0.0), f(0.0), f(0.0), f(jnp.inf))
+
+    def update_fn(updates, state, params=None):
+        del params
+        norm = global_norm(updates, axis_name)
+        std = jnp.maximum(jnp.sqrt(state.var), 0.01 * state.mean)
+        z = (norm - state.mean) / jnp.where(std > 0, std, 1.0)
+        warm = state.count >= warmup_steps
+        over = warm & (z > z_threshold)
+        safe_z = jnp.where(over, z, 1.0)
+        threshold = jnp.where(over, state.mean + z_threshold**2 / safe_z * std, jnp.inf)
+        # A non-finite norm has no z-score; clip it at the plain z_threshold bound.
+        bound = jnp.where(warm, state.mean + z_threshold * std, jnp.inf)
+        threshold = jnp.where(jnp.isfinite(norm), threshold, bound)
+        out = clip_to(updates, norm, threshold, axis_name)
+        finite = jnp.isfinite(norm)
+        clipped = jnp.where(over, threshold, norm)
+        count = state.count + 1
+        alpha = jnp.maximum(1.0 / count.astype(jnp.float32), 1.0 - decay)
+        delta = clipped - state.mean
+        mean = state.mean + alpha * delta
+        var = (1.0 - alpha) * (state.var + alpha * jnp.square(delta))
+        new = AdaptiveClipState(
+            count=jnp.where(finite, count, state.count),
+            mean=jnp.where(finite, mean, state.mean),
+            var=jnp.where(finite, var, state.var),
+            last_norm=norm,
+            last_threshold=threshold,
+        )
+        return out, new
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def check_unit_interval(name: str, value: float, where: str) -> float:
+    """Raises ``ValueError`` unless ``0 < value < 1``."""
+    validation.check_positive(name, value, where)
+    if value >= 1:
+        raise ValueError(f"{where}: `{name}` must be in (0, 1), got {value!r}; e.g. {name}=0.5.")
+    return float(value)
+
+
+def check_count(name: str, value: int, where: str, minimum: int = 0) -> int:
+    """Raises ``ValueError`` unless ``value`` is an int ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{where}: `{name}` must be an int, got {value!r}.")
+    if value < minimum:
+        raise ValueError(
+            f"{where}: `{name}` must be >= {minimum}, got {value!r}; e.g. {name}={max(minimum, 1)}."
+        )
+    return value

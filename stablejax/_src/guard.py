@@ -1,0 +1,291 @@
+"""``guard``: an Optax wrapper that skips non-finite and spiking steps.
+
+The decision costs one float32 sum of squares per gradient leaf. A sum of
+squares is non-finite iff the leaf holds a NaN or an Inf or its squares overflow
+float32, so the same numbers give both the finiteness flag and the global norm
+for the spike test; a :func:`stablejax.optim.clip_by_global_norm` placed first
+in the wrapped chain reuses that norm instead of reading the gradient again.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from stablejax._src import clipping, validation
+from stablejax._src.typing import Array
+
+_WHERE = "stablejax.optim.guard"
+# The spike test's standard deviation is floored at this fraction of the running
+# mean, so a nearly constant history (std ~ 0) does not flag every small rise.
+_REL_STD_FLOOR = 0.1
+
+
+class GuardState(NamedTuple):
+    """State of :func:`guard`. Counters are int32 scalars, statistics float32.
+
+    Attributes:
+      steps: updates seen, skipped or not.
+      skipped_total: steps whose update was refused (any reason, halted included).
+      skipped_nonfinite: steps refused for a non-finite gradient or loss.
+      skipped_spike: steps refused because the gradient norm was a spike.
+      consecutive: current run of refused steps.
+      last_skipped_step: 0-based index of the latest refused step, -1 if none.
+      first_nonfinite_leaf: flat index (``jax.tree.leaves`` order) of the first
+        non-finite gradient leaf at the latest non-finite step; -1 if none, or if
+        only the loss was non-finite or the finite squares overflowed.
+      grad_norm: global gradient norm of the latest step (may be NaN/Inf).
+      norm_count: accepted steps in the running statistics (since the last reset).
+      norm_mean: running mean of the norm over accepted steps.
+      norm_var: running variance of the norm over accepted steps.
+      halted: True once ``on_give_up='halt'`` has fired; every later step is refused.
+      give_ups: times ``max_consecutive_skips`` was reached.
+      lr_scale: factor applied to the updates by ``lr_backoff`` (1 without it).
+      good_streak: accepted steps since ``lr_scale`` last changed.
+      inner_state: state of the wrapped transformation.
+    """
+
+    steps: Array
+    skipped_total: Array
+    skipped_nonfinite: Array
+    skipped_spike: Array
+    consecutive: Array
+    last_skipped_step: Array
+    first_nonfinite_leaf: Array
+    grad_norm: Array
+    norm_count: Array
+    norm_mean: Array
+    norm_var: Array
+    halted: Array
+    give_ups: Array
+    lr_scale: Array
+    good_streak: Array
+    inner_state: Any
+
+
+def guard(
+    inner: optax.GradientTransformation,
+    *,
+    max_consecutive_skips: int | None = 100,
+    on_give_up: Literal["halt", "reset"] = "halt",
+    spike_threshold: float | None = 6.0,
+    spike_warmup: int = 20,
+    stats_decay: float = 0.98,
+    lr_backoff: float | None = None,
+    lr_recovery_steps: int = 50,
+    min_lr_scale: float = 1e-2,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Wraps ``inner`` so that a poisoned step changes nothing.
+
+    A step is refused when the loss passed as ``loss=`` is non-finite, when a
+    gradient leaf is non-finite, or when the global norm :math:`n` is a spike
+    against running statistics of accepted steps (after ``spike_warmup`` of them):
+
+    .. math::
+
+        \\frac{n - \\mu}{\\max(\\sigma,\\; 0.1\\,\\mu)} > \\text{spike\\_threshold}.
+
+    A refused step returns exact zeros (chosen by ``lax.cond``, never by
+    multiplying by 0, since :math:`0\\cdot\\mathrm{NaN} = \\mathrm{NaN}`), leaves
+    the inner state bitwise unchanged and does not touch :math:`\\mu, \\sigma^2`.
+    The statistics are an exponential moving average over accepted steps with
+    weight :math:`\\alpha = \\max(1/t, 1-\\text{stats\\_decay})`: exact mean and
+    variance for the first :math:`1/(1-\\text{stats\\_decay})` accepted steps,
+    then a window of about that many. So one NaN causes exactly one skip.
+
+    The global norm is :math:`\\sqrt{\\sum_\\ell \\sum g_\\ell^2}` in float32. If
+    a finite gradient's squares overflow float32 (entries beyond ~1e19) the norm
+    is Inf and the step counts as non-finite, deliberately: such a step would
+    overflow Adam's second moment anyway.
+
+    After ``max_consecutive_skips`` refused steps in a row: ``'halt'`` sets
+    ``halted`` and refuses every later step (``optax.apply_if_finite`` instead
+    applies the NaN update, writing NaN into Adam's moments); ``'reset'``
+    re-initialises the inner state with ``inner.init(params)`` (the gradient as
+    template if ``params`` is None), restarts the running statistics and the
+    spike warm-up, and carries on: a stale norm history or a long bad stretch of
+    data can then no longer block training forever.
+
+    With ``lr_backoff`` = :math:`b`, each refused step multiplies ``lr_scale`` by
+    :math:`b` (not below ``min_lr_scale``) and each run of ``lr_recovery_steps``
+    accepted steps divides it by :math:`b` (not above 1), as dynamic loss scaling
+    does; accepted updates are multiplied by ``lr_scale``.
+
+    Args:
+      inner: the transformation to protect, typically a whole ``optax.chain``.
+        Extra arguments (``loss=`` included) are passed on to it.
+      max_consecutive_skips: refused steps in a row before giving up (>= 1), or
+        None to never give up.
+      on_give_up: ``'halt'`` or ``'reset'``.
+      spike_threshold: z-score above which the norm is a spike (> 0), or None
+        to skip only non-finite steps.
+      spike_warmup: accepted steps before spikes are tested (>= 2).
+      stats_decay: decay of the running norm statistics, in (0, 1).
+      lr_backoff: factor in (0, 1) applied to ``lr_scale`` on each refused step,
+        or None for no backoff.
+      lr_recovery_steps: accepted steps between two recoveries of ``lr_scale``.
+      min_lr_scale: lower bound of ``lr_scale``, in (0, 1].
+      axis_name: a ``shard_map``/``pmap`` axis whose replicas must agree: per-leaf
+        sums of squares are ``psum``-ed (the leaves are read as shards of one
+        gradient) and the loss flag ``pmax``-ed. Under plain ``jit`` with sharded
+        arrays the decision is already global; leave it None.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`GuardState`; ``update`` accepts ``loss=``.
+
+    Raises:
+      ValueError: for an unknown ``on_give_up`` or an out-of-range setting.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> from stablejax.optim import guard, metrics
+      >>> tx = guard(optax.adam(1e-3))
+      >>> state = tx.init(jnp.zeros(3))
+      >>> u, state = tx.update(jnp.array([1.0, jnp.nan, 1.0]), state, loss=jnp.nan)
+      >>> u.tolist(), int(metrics(state)["skipped_nonfinite"])
+      ([0.0, 0.0, 0.0], 1)
+    """
+    if on_give_up not in ("halt", "reset"):
+        raise ValueError(
+            f"{_WHERE}: on_give_up={on_give_up!r} is not known; use 'halt' (refuse every "
+            "later step) or 'reset' (re-initialise the inner state and carry on)."
+        )
+    if max_consecutive_skips is not None:
+        clipping.check_count("max_consecutive_skips", max_consecutive_skips, _WHERE, minimum=1)
+    if spike_threshold is not None:
+        spike_threshold = validation.check_positive("spike_threshold", spike_threshold, _WHERE)
+    clipping.check_count("spike_warmup", spike_warmup, _WHERE, minimum=2)
+    clipping.check_unit_interval("stats_decay", stats_decay, _WHERE)
+    if lr_backoff is not None:
+        clipping.check_unit_interval("lr_backoff", lr_backoff, _WHERE)
+    clipping.check_count("lr_recovery_steps", lr_recovery_steps, _WHERE, minimum=1)
+    validation.check_positive("min_lr_scale", min_lr_scale, _WHERE)
+    if min_lr_scale > 1:
+        raise ValueError(f"{_WHERE}: `min_lr_scale` must be <= 1, got {min_lr_scale!r}.")
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        i32 = lambda v: jnp.asarray(v, jnp.int32)
+        f32 = lambda v: jnp.asarray(v, jnp.float32)
+        return GuardState(
+            steps=i32(0),
+            skipped_total=i32(0),
+            skipped_nonfinite=i32(0),
+            skipped_spike=i32(0),
+            consecutive=i32(0),
+            last_skipped_step=i32(-1),
+            first_nonfinite_leaf=i32(-1),
+            grad_norm=f32(0.0),
+            norm_count=i32(0),
+            norm_mean=f32(0.0),
+            norm_var=f32(0.0),
+            halted=jnp.asarray(False),
+            give_ups=i32(0),
+            lr_scale=f32(1.0),
+            good_streak=i32(0),
+            inner_state=inner.init(params),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        leaves = jax.tree.leaves(updates)
+        sumsq = clipping.leaf_sumsq(leaves)
+        if axis_name is not None:
+            sumsq = lax.psum(sumsq, axis_name)
+        total = jnp.sum(sumsq)
+        norm = jnp.sqrt(total)
+        grads_finite = jnp.isfinite(total)
+        loss = extra_args.get("loss")
+        loss_finite = jnp.asarray(True)
+        if loss is not None:
+            loss_finite = jnp.all(jnp.isfinite(jnp.asarray(loss)))
+            if axis_name is not None:
+                loss_finite = lax.pmin(loss_finite.astype(jnp.int32), axis_name) > 0
+        nonfinite = ~(grads_finite & loss_finite)
+
+        std = jnp.maximum(jnp.sqrt(state.norm_var), _REL_STD_FLOOR * state.norm_mean)
+        if spike_threshold is None:
+            spike = jnp.asarray(False)
+        else:
+            warm = state.norm_count >= spike_warmup
+            spike = warm & ~nonfinite & (norm - state.norm_mean > spike_threshold * std)
+            spike = spike & (norm > 0)
+        skip = state.halted | nonfinite | spike
+        consecutive = jnp.where(skip, state.consecutive + 1, 0)
+        give_up = jnp.asarray(False)
+        if max_consecutive_skips is not None:
+            give_up = skip & ~state.halted & (consecutive >= max_consecutive_skips)
+        reset = give_up if on_give_up == "reset" else jnp.asarray(False)
+
+        def accept(operands):
+            upd, inner_state = operands
+            inner_leaves = jax.tree.leaves(upd)
+            with clipping.shared_norm(inner_leaves, norm):
+                new_upd, new_inner = inner.update(upd, inner_state, params, **extra_args)
+            if lr_backoff is not None:
+                new_upd = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), new_upd)
+            return new_upd, new_inner
+
+        out_shapes = jax.eval_shape(accept, (updates, state.inner_state))[0]
+
+        def refuse(operands):
+            _, inner_state = operands
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes)
+            if on_give_up != "reset" or max_consecutive_skips is None:
+                return zeros, inner_state
+            template = params if params is not None else updates
+            fresh = jax.tree.map(
+                lambda new, old: jnp.asarray(new, old.dtype), inner.init(template), inner_state
+            )
+            return zeros, lax.cond(reset, lambda: fresh, lambda: inner_state)
+
+        new_updates, new_inner = lax.cond(skip, refuse, accept, (updates, state.inner_state))
+
+        # Running statistics over accepted steps only; a refused step leaves them bitwise as is.
+        count = state.norm_count + 1
+        alpha = jnp.maximum(1.0 / count.astype(jnp.float32), 1.0 - stats_decay)
+        delta = norm - state.norm_mean
+        mean = jnp.where(skip, state.norm_mean, state.norm_mean + alpha * delta)
+        var = jnp.where(skip, state.norm_var, (1.0 - alpha) * (state.norm_var + alpha * delta**2))
+        count = jnp.where(skip, state.norm_count, count)
+        f0 = jnp.zeros([], jnp.float32)
+        mean, var = jnp.where(reset, f0, mean), jnp.where(reset, f0, var)
+        count = jnp.where(reset, 0, count)
+
+        bad_leaf = jnp.argmax(~jnp.isfinite(sumsq)).astype(jnp.int32) if leaves else 0
+        bad_leaf = jnp.where(jnp.all(jnp.isfinite(sumsq)), -1, bad_leaf)
+        lr_scale, good_streak = state.lr_scale, state.good_streak
+        if lr_backoff is not None:
+            streak = jnp.where(skip, 0, good_streak + 1)
+            recover = streak >= lr_recovery_steps
+            up = jnp.minimum(lr_scale / lr_backoff, 1.0)
+            down = jnp.maximum(lr_scale * lr_backoff, min_lr_scale)
+            lr_scale = jnp.where(skip, down, jnp.where(recover, up, lr_scale))
+            good_streak = jnp.where(recover, 0, streak)
+        as_i32 = lambda b: b.astype(jnp.int32)
+        new_state = GuardState(
+            steps=state.steps + 1,
+            skipped_total=state.skipped_total + as_i32(skip),
+            skipped_nonfinite=state.skipped_nonfinite + as_i32(nonfinite),
+            skipped_spike=state.skipped_spike + as_i32(spike),
+            consecutive=jnp.where(reset, 0, consecutive).astype(jnp.int32),
+            last_skipped_step=jnp.where(skip, state.steps, state.last_skipped_step),
+            first_nonfinite_leaf=jnp.where(nonfinite, bad_leaf, state.first_nonfinite_leaf),
+            grad_norm=norm,
+            norm_count=count.astype(jnp.int32),
+            norm_mean=mean,
+            norm_var=var,
+            halted=state.halted | (give_up & (on_give_up == "halt")),
+            give_ups=state.give_ups + as_i32(give_up),
+            lr_scale=lr_scale,
+            good_streak=good_streak.astype(jnp.int32),
+            inner_state=new_inner,
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,95 @@
+"""Reading a :class:`GuardState` out of any optimizer state, for logging."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from stablejax._src.guard import GuardState
+from stablejax._src.typing import Array, PyTree
+
+
+def find_guard_state(opt_state: PyTree) -> GuardState:
+    """Returns the outermost :class:`GuardState` inside ``opt_state``.
+
+    The search walks the state as a pytree, so it sees through ``optax.chain``
+    tuples, ``optax.MultiSteps``, ``optax.inject_hyperparams``, masks and user
+    containers alike.
+
+    Raises:
+      ValueError: if ``opt_state`` holds no guard state.
+    """
+    is_guard = lambda x: isinstance(x, GuardState)
+    for node in jax.tree.leaves(opt_state, is_leaf=is_guard):
+        if is_guard(node):
+            return node
+    raise ValueError(
+        "stablejax.optim.metrics: no GuardState found in this optimizer state; wrap the "
+        "optimizer with stablejax.optim.guard(...) (or use stable_adamw) before calling init."
+    )
+
+
+def metrics(opt_state: PyTree) -> dict[str, Array]:
+    """Flat dict of scalars describing the guard's decisions, ready for a logger.
+
+    Keys: ``steps``, ``skipped_total``, ``skipped_nonfinite``, ``skipped_spike``,
+    ``consecutive_skips``, ``last_skipped_step``, ``first_nonfinite_leaf``,
+    ``grad_norm``, ``grad_norm_mean``, ``grad_norm_std``, ``halted``,
+    ``give_ups``, ``lr_scale``. Values are jax scalars (works under ``jit``).
+
+    Args:
+      opt_state: the full optimizer state; the guard may be nested anywhere in it.
+
+    Returns:
+      A dict from name to scalar array.
+
+    Raises:
+      ValueError: if ``opt_state`` holds no guard state.
+    """
+    s = find_guard_state(opt_state)
+    return {
+        "steps": s.steps,
+        "skipped_total": s.skipped_total,
+        "skipped_nonfinite": s.skipped_nonfinite,
+        "skipped_spike": s.skipped_spike,
+        "consecutive_skips": s.consecutive,
+        "last_skipped_step": s.last_skipped_step,
+        "first_nonfinite_leaf": s.first_nonfinite_leaf,
+        "grad_norm": s.grad_norm,
+        "grad_norm_mean": s.norm_mean,
+        "grad_norm_std": jnp.sqrt(s.norm_var),
+        "halted": s.halted,
+        "give_ups": s.give_ups,
+        "lr_scale": s.lr_scale,
+    }
+
+
+def leaf_path(params: PyTree, index: int | Array) -> str | None:
+    """Turns a flat leaf index (as in ``first_nonfinite_leaf``) into the parameter's path.
+
+    Args:
+      params: a pytree with the gradient's structure (the parameters).
+      index: flat index in ``jax.tree.leaves`` order; -1 means "none".
+
+    Returns:
+      The path as ``jax.tree_util.keystr`` writes it, e.g. ``"['dense']['kernel']"``,
+      or None for a negative index.
+
+    Raises:
+      IndexError: if ``index`` is past the last leaf.
+    """
+    index = int(index)
+    if index < 0:
+        return None
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    if index >= len(flat):
+        raise IndexError(
+            f"stablejax.optim.leaf_path: leaf index {index} is out of range for a tree with "
+            f"{len(flat)} leaves; pass the params the guarded optimizer was built for."
+        )
+    return jax.tree_util.keystr(flat[index][0])
+
+
+def nonfinite_leaf_path(opt_state: PyTree, params: PyTree) -> str | None:
+    """Path of the first non-finite gradient leaf at the latest non-finite step, or None."""
+    return leaf_path(params, find_guard_state(opt_state).first_nonfinite_leaf)

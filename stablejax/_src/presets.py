@@ -1,0 +1,156 @@
+"""``stable_adamw``: the recommended guarded AdamW chain in one call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import optax
+
+from stablejax._src import clipping, validation
+from stablejax._src.guard import guard
+
+_WHERE = "stablejax.optim.stable_adamw"
+
+
+def _matrices_only(params: Any) -> Any:
+    return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
+
+
+def stable_adamw(
+    learning_rate: float,
+    *,
+    warmup_steps: int,
+    total_steps: int,
+    weight_decay: float = 0.1,
+    clip: float | None = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.95,
+    eps: float = 1e-8,
+    end_lr_ratio: float = 0.1,
+    weight_decay_mask: Any | Callable[[Any], Any] | None = _matrices_only,
+    spike_threshold: float | None = 6.0,
+    spike_warmup: int = 20,
+    max_consecutive_skips: int | None = 50,
+    on_give_up: Literal["halt", "reset"] = "reset",
+    lr_backoff: float | None = 0.5,
+    lr_recovery_steps: int = 50,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """AdamW with warm-up + cosine decay, safe clipping, and a guard, in one call.
+
+    The chain is::
+
+        chain(guard(chain(clip_by_global_norm(clip), scale_by_adam(b1, b2, eps),
+                          add_decayed_weights(weight_decay, mask)), ...),
+              scale_by_learning_rate(warmup_cosine_decay_schedule(...)))
+
+    Each piece answers a cause of NaN or divergence:
+
+    * **guard** (inside): a NaN/Inf gradient or loss (bad batch, overflow) or a
+      gradient-norm spike (z-score > ``spike_threshold``) is refused with Adam's
+      moments bitwise untouched, so one bad batch cannot poison ``mu``/``nu``.
+      ``on_give_up='reset'`` with ``max_consecutive_skips=50``: a corrupted
+      shard of any length is ridden out (NaN steps are refused however many come;
+      every 50 in a row Adam's moments and the norm statistics restart, which
+      costs nothing when the data is bad anyway) and training carries on when
+      the data is healthy again. ``'halt'`` would stop the run for good, which
+      is the wrong default for a user who wants the run to finish; a stale norm
+      history that refuses a legitimately larger gradient is also cleared by
+      the reset.
+    * **lr_backoff=0.5**: a refused step halves the update scale and 50 good
+      steps double it back (up to 1), as dynamic loss scaling does, so a learning
+      rate too high for the current state backs off instead of diverging.
+    * **clip** (first in the guarded chain, reusing the guard's norm for free):
+      bounds the step after a rare large gradient that is not a spike yet; it
+      never turns Inf into NaN.
+    * **b2=0.95** (not 0.999): the second moment forgets a large gradient in
+      ~20 steps instead of ~1000, so a rare large gradient neither freezes
+      learning nor leaves ``nu`` stale for rarely-updated rows (embeddings), a
+      known source of late loss spikes; ``eps=1e-8`` as in OLMo 2.
+    * **warm-up**: Adam's first steps use poorly estimated moments; ramping the
+      rate from 0 avoids the early blow-ups of large models.
+    * **weight decay only on matrices** (``ndim >= 2``): decaying norm scales and
+      biases towards 0 is a classic cause of collapsing normalisation.
+    * **the schedule sits outside the guard**: refused steps still advance it
+      (it counts data steps, as the loop does) and a reset does not rewind it.
+      Refused updates are exact zeros, and ``lr * 0 = 0`` for the finite rate.
+
+    Args:
+      learning_rate: peak learning rate (> 0).
+      warmup_steps: linear warm-up steps from 0 (>= 0).
+      total_steps: length of the whole schedule, warm-up included (> warmup_steps).
+      weight_decay: decoupled weight decay (>= 0).
+      clip: global-norm clip (> 0), or None for none.
+      b1: Adam's first-moment decay, in (0, 1).
+      b2: Adam's second-moment decay, in (0, 1).
+      eps: Adam's epsilon (> 0).
+      end_lr_ratio: final rate as a fraction of the peak, in [0, 1].
+      weight_decay_mask: optax mask (tree or callable) of the leaves to decay.
+      spike_threshold: see :func:`stablejax.optim.guard`.
+      spike_warmup: see :func:`stablejax.optim.guard`.
+      max_consecutive_skips: see :func:`stablejax.optim.guard`.
+      on_give_up: see :func:`stablejax.optim.guard`.
+      lr_backoff: see :func:`stablejax.optim.guard`.
+      lr_recovery_steps: see :func:`stablejax.optim.guard`.
+      axis_name: see :func:`stablejax.optim.guard` (also used by the clip).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; pass ``loss=`` to ``update``.
+
+    Raises:
+      ValueError: for an out-of-range setting, naming it.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from stablejax.optim import stable_adamw, metrics
+      >>> tx = stable_adamw(1e-3, warmup_steps=10, total_steps=100)
+      >>> params = {"w": jnp.ones((2, 2))}
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.full((2, 2), jnp.nan)}, state, params)
+      >>> bool((updates["w"] == 0).all()), int(metrics(state)["skipped_nonfinite"])
+      (True, 1)
+    """
+    validation.check_positive("learning_rate", learning_rate, _WHERE)
+    clipping.check_count("warmup_steps", warmup_steps, _WHERE, minimum=0)
+    clipping.check_count("total_steps", total_steps, _WHERE, minimum=1)
+    if total_steps <= warmup_steps:
+        raise ValueError(
+            f"{_WHERE}: total_steps={total_steps!r} must exceed warmup_steps={warmup_steps!r}; "
+            "total_steps counts the whole run, warm-up included."
+        )
+    validation.check_nonnegative("weight_decay", weight_decay, _WHERE)
+    if clip is not None:
+        validation.check_positive("clip", clip, _WHERE)
+    clipping.check_unit_interval("b1", b1, _WHERE)
+    clipping.check_unit_interval("b2", b2, _WHERE)
+    validation.check_positive("eps", eps, _WHERE)
+    validation.check_nonnegative("end_lr_ratio", end_lr_ratio, _WHERE)
+    if end_lr_ratio > 1:
+        raise ValueError(f"{_WHERE}: end_lr_ratio={end_lr_ratio!r} must be in [0, 1].")
+
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=learning_rate,
+        warmup_steps=warmup_steps,
+        decay_steps=total_steps,
+        end_value=learning_rate * end_lr_ratio,
+    )
+    parts = []
+    if clip is not None:
+        parts.append(clipping.clip_by_global_norm(clip, axis_name=axis_name))
+    parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
+    if weight_decay > 0:
+        parts.append(optax.add_decayed_weights(weight_decay, mask=weight_decay_mask))
+    guarded = guard(
+        optax.chain(*parts),
+        max_consecutive_skips=max_consecutive_skips,
+        on_give_up=on_give_up,
+        spike_threshold=spike_threshold,
+        spike_warmup=spike_warmup,
+        lr_backoff=lr_backoff,
+        lr_recovery_steps=lr_recovery_steps,
+        axis_name=axis_name,
+    )
+    return optax.chain(guarded, optax.scale_by_learning_rate(schedule))

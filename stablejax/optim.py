@@ -1,0 +1,30 @@
+"""Optax transformations that keep training finite.
+
+``guard`` skips non-finite and spiking steps without touching the optimizer
+state, ``clip_by_global_norm`` and ``adaptive_clip`` clip without making NaNs,
+and ``stable_adamw`` puts them together.
+"""
+
+from stablejax._src.clipping import AdaptiveClipState as AdaptiveClipState
+from stablejax._src.clipping import adaptive_clip as adaptive_clip
+from stablejax._src.clipping import clip_by_global_norm as clip_by_global_norm
+from stablejax._src.guard import GuardState as GuardState
+from stablejax._src.guard import guard as guard
+from stablejax._src.guard_metrics import find_guard_state as find_guard_state
+from stablejax._src.guard_metrics import leaf_path as leaf_path
+from stablejax._src.guard_metrics import metrics as metrics
+from stablejax._src.guard_metrics import nonfinite_leaf_path as nonfinite_leaf_path
+from stablejax._src.presets import stable_adamw as stable_adamw
+
+__all__ = [
+    "AdaptiveClipState",
+    "GuardState",
+    "adaptive_clip",
+    "clip_by_global_norm",
+    "find_guard_state",
+    "guard",
+    "leaf_path",
+    "metrics",
+    "nonfinite_leaf_path",
+    "stable_adamw",
+]
