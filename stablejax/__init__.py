@@ -1,0 +1,31 @@
+"""stablejax: numerical stability for JAX/Flax training.
+
+The top level holds the safe numerics core: ops whose forward equals the plain
+``jnp`` formula wherever that is finite and whose derivatives stay finite at the
+singular points (zero vectors, constant rows, ``sqrt``/``log``/``1/x`` at 0).
+Layers live in :mod:`stablejax.nn` (Flax linen) and :mod:`stablejax.nnx`
+(Flax NNX), losses in :mod:`stablejax.losses`, the Optax guard in
+:mod:`stablejax.optim` and NaN diagnosis in :mod:`stablejax.debug`.
+"""
+
+from stablejax._src.numerics import safe_div as safe_div
+from stablejax._src.numerics import safe_log as safe_log
+from stablejax._src.numerics import safe_rsqrt as safe_rsqrt
+from stablejax._src.numerics import safe_sqrt as safe_sqrt
+from stablejax._src.reductions import safe_norm as safe_norm
+from stablejax._src.reductions import safe_normalize as safe_normalize
+from stablejax._src.reductions import safe_std as safe_std
+from stablejax._src.reductions import safe_var as safe_var
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "safe_div",
+    "safe_log",
+    "safe_norm",
+    "safe_normalize",
+    "safe_rsqrt",
+    "safe_sqrt",
+    "safe_std",
+    "safe_var",
+]

@@ -1,0 +1,1 @@
+"""Private implementation of stablejax. Import from the public modules instead."""

@@ -1,0 +1,69 @@
+"""Argument checks shared by every public entry point.
+
+Each check runs in Python when a function is traced or a module is built, so a
+bad argument raises at once with a message that names the value and the fix,
+never later as a NaN under ``jit``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from stablejax._src.typing import ArrayLike
+
+
+def check_float(name: str, x: ArrayLike, where: str) -> None:
+    """Raises ``TypeError`` unless ``x`` has a floating-point dtype."""
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{where}: `{name}` must be a floating-point array, got dtype {dtype}. "
+            f"Cast it first, e.g. `{name}.astype(jnp.float32)`."
+        )
+
+
+def canonical_axes(ndim: int, axis: int | Sequence[int] | None, where: str) -> tuple[int, ...]:
+    """Returns ``axis`` as a sorted tuple of non-negative ints, validated for ``ndim``.
+
+    ``None`` means every axis. Raises ``ValueError`` naming the bad axis.
+    """
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
+    out = []
+    for a in axes:
+        if not isinstance(a, numbers.Integral) or isinstance(a, bool):
+            raise TypeError(f"{where}: axis entries must be ints, got {a!r} in axis={axis!r}.")
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"{where}: axis {a} is out of range for an input with {ndim} dimension(s); "
+                f"use an axis in [{-ndim}, {ndim - 1}]."
+            )
+        out.append(int(a) % ndim if ndim else 0)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{where}: repeated axis in axis={axis!r}; list each axis once.")
+    return tuple(sorted(out))
+
+
+def check_nonnegative(name: str, value: float, where: str) -> float:
+    """Raises ``ValueError`` unless ``value`` is a finite, non-negative Python number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: `{name}` must be a real number, got {value!r}.")
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(
+            f"{where}: `{name}` must be finite and >= 0, got {value!r}. "
+            f"Use {name}=0.0 for the exact formula or a small positive value such as 1e-6."
+        )
+    return float(value)
+
+
+def check_positive(name: str, value: float, where: str) -> float:
+    """Raises ``ValueError`` unless ``value`` is a finite, strictly positive Python number."""
+    check_nonnegative(name, value, where)
+    if value == 0:
+        raise ValueError(f"{where}: `{name}` must be > 0, got {value!r}.")
+    return float(value)
