@@ -1,0 +1,365 @@
+"""Why a NaN/Inf was born, and the concrete fix: category and suggestion.
+
+Precedence, as documented on :func:`stablejax.debug.locate`: values that came
+in (or invalid integer inputs) are ``bad_input``; then a float16/bfloat16
+overflow that float32 would hold is ``overflow_low_precision``; then an op at
+the edge of its domain is a singularity (``loss_nan`` when it sits in the loss
+rather than a model layer, else ``forward_singularity`` or
+``derivative_singularity`` by phase); an overflow of finite values is
+``grad_explosion``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from stablejax._src.debug_interpreter import Origin
+
+_LOSS_NAME = re.compile(
+    r"loss|mae|mse|rmse|cross_?entropy|xent|nll|criterion|objective|likelihood|huber",
+    re.IGNORECASE,
+)
+_LOSS_FILES = ("optax/losses", "optax/_src/loss", "stablejax/losses", "stablejax/_src/losses")
+_LOG_OPS = frozenset({"log", "log1p"})
+_ROOT_OPS = frozenset({"sqrt", "rsqrt", "cbrt"})
+_OVERFLOW_OPS = frozenset(
+    {
+        "exp",
+        "exp2",
+        "expm1",
+        "mul",
+        "add",
+        "sub",
+        "dot_general",
+        "reduce_sum",
+        "square",
+        "integer_pow",
+        "pow",
+        "cumsum",
+        "conv_general_dilated",
+        "convert_element_type",
+        "reduce_precision",
+        "sinh",
+        "cosh",
+        "add_any",
+        "reduce_max",
+        "reduce_min",
+        "max",
+        "min",
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnosis:
+    """Category, one-sentence cause and the fix."""
+
+    category: str
+    why: str
+    suggestion: str
+
+
+@dataclasses.dataclass(frozen=True)
+class History:
+    """Per-step losses and gradient norms given to ``locate(history=...)``."""
+
+    losses: tuple[float, ...]
+    grad_norms: tuple[float, ...]
+
+    @property
+    def growing(self) -> bool:
+        """Whether the loss or the gradient norm grew step over step before the failure."""
+        return _growing(self.grad_norms) or _growing(self.losses)
+
+    def clip_value(self) -> float | None:
+        """A clipping threshold from the healthy gradient norms: their 90th percentile."""
+        g = np.asarray([x for x in self.grad_norms if math.isfinite(x)], float)
+        if g.size < 2:
+            return None
+        median = float(np.median(g[: max(2, g.size // 2)]))
+        healthy = g[g <= 5 * median] if median > 0 else g
+        return _round2(float(np.percentile(healthy, 90)))
+
+
+def parse_history(history: Any) -> History | None:
+    """Validates ``history``: a sequence of losses, or of dicts with ``loss``/``grad_norm``.
+
+    Raises:
+      TypeError: if ``history`` is not a sequence of numbers or mappings.
+    """
+    if history is None:
+        return None
+    if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
+        raise TypeError(
+            "locate: `history` must be a list with one entry per step, each a loss or a dict "
+            f"with 'loss' and/or 'grad_norm'; got {type(history).__name__}."
+        )
+    losses, norms = [], []
+    for i, item in enumerate(history):
+        if isinstance(item, Mapping):
+            if "loss" in item:
+                losses.append(float(np.asarray(item["loss"])))
+            if "grad_norm" in item:
+                norms.append(float(np.asarray(item["grad_norm"])))
+        else:
+            try:
+                losses.append(float(np.asarray(item)))
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"locate: history[{i}] = {item!r} is neither a number nor a dict with "
+                    "'loss'/'grad_norm'."
+                ) from None
+    return History(tuple(losses), tuple(norms))
+
+
+def _growing(values: Sequence[float]) -> bool:
+    vals = [v for v in values if math.isfinite(v)]
+    if len(vals) < 3:
+        return False
+    tail = vals[-4:]
+    rising = all(b > a for a, b in zip(tail, tail[1:]))
+    base = float(np.median(vals[: max(1, len(vals) // 2)]))
+    return (rising and tail[-1] > 3 * abs(tail[0])) or (base > 0 and vals[-1] > 10 * base)
+
+
+def _round2(x: float) -> float:
+    if x <= 0 or not math.isfinite(x):
+        return x
+    digits = 1 - int(math.floor(math.log10(x)))
+    return round(x, digits)
+
+
+def in_loss(origin: Origin, module: str | None, model_scopes_seen: bool, func: str | None) -> bool:
+    """Whether the culprit sits in the loss rather than in a model layer."""
+    if origin.phase == "update":
+        return False
+    if any(part in f.file for f in origin.frames[:16] for part in _LOSS_FILES):
+        return True
+    if module is not None:
+        return bool(func and _LOSS_NAME.search(func))
+    if model_scopes_seen:
+        return True
+    return bool(func and _LOSS_NAME.search(func))
+
+
+def _singularity(origin: Origin) -> str | None:
+    """A short description of the domain edge the op sits on, or ``None``."""
+    p = origin.primitive
+    ins = origin.inputs
+    if p == "div" and len(ins) == 2:
+        num, den = ins
+        if den.zeros:
+            if num.zeros and origin.kind == "nan":
+                return "0/0: the divisor and the numerator are both 0"
+            return f"division by zero ({den.zeros} zero divisor entries)"
+        return None
+    if p in _LOG_OPS and ins:
+        lim = -1.0 if p == "log1p" else 0.0
+        if ins[0].zeros and p == "log":
+            return "log(0)"
+        if ins[0].min is not None and ins[0].min < lim + (0 if p == "log" else 1e-30):
+            return f"{p} of a negative value (min {ins[0].min:.3g})"
+        if p == "log1p" and ins[0].min is not None and ins[0].min <= -1:
+            return "log1p(-1)"
+        return None
+    if p in _ROOT_OPS and ins:
+        if ins[0].negatives:
+            return f"{p} of a negative value (min {ins[0].min:.3g})"
+        if p == "rsqrt" and ins[0].zeros:
+            return "rsqrt(0)"
+        return None
+    if p in ("acos", "asin", "atanh") and ins:
+        return f"{p} outside [-1, 1] (range {ins[0].min:.3g}..{ins[0].max:.3g})"
+    if p in ("pow",) and ins and ins[0].zeros:
+        return "pow at base 0 with a negative exponent"
+    if p == "integer_pow" and ins and ins[0].zeros and origin.params.get("y", 1) < 0:
+        return "negative integer power of 0"
+    if p in ("lgamma", "digamma") and ins and (ins[0].zeros or ins[0].negatives):
+        return f"{p} at a non-positive value"
+    return None
+
+
+def _huge(origin: Origin) -> bool:
+    big = [abs(v) for s in origin.inputs for v in (s.min, s.max) if v is not None]
+    return bool(big) and max(big) > 1e18
+
+
+def _frame_functions(origin: Origin) -> list[str]:
+    return [f.function for f in origin.frames[:24]]
+
+
+def _layer_fix(origin: Origin, line_text: str) -> str | None:
+    """The stablejax op or layer that replaces the construct at the culprit line."""
+    funcs = " ".join(_frame_functions(origin))
+    text = line_text.replace(" ", "")
+    op = origin.forward_op or origin.primitive
+    if "where(" in text and op in ("sqrt", "log", "div", "rsqrt", "pow", "log1p"):
+        return (
+            "the `jnp.where` double-branch trap: the untaken branch is still differentiated. "
+            "Make its input safe first, `x_safe = jnp.where(mask, x, 1.0)`, then "
+            f"`jnp.where(mask, jnp.{op}(x_safe), 0.0)`, or use stablejax.safe_{op}"
+        )
+    if "std(" in text or "_std" in funcs:
+        return (
+            "stablejax.safe_std(h, axis=...) or the layer stablejax.nn.StdPool "
+            "(NNX: stablejax.nnx.StdPool)"
+        )
+    if "var(" in text or "_var" in funcs:
+        return "stablejax.safe_var(h, axis=...)"
+    if "normalize" in text or ("norm(" in text and op == "div"):
+        return (
+            "stablejax.safe_normalize(x, axis=-1) (layer: stablejax.nn.L2Normalize / "
+            "stablejax.nnx.L2Normalize)"
+        )
+    if "norm(" in text or "norm" in funcs:
+        return "stablejax.safe_norm(x, axis=-1)"
+    if "layer_norm" in text.lower() or "rsqrt" in text:
+        return "stablejax.nn.LayerNorm / stablejax.nn.RMSNorm (or stablejax.safe_rsqrt)"
+    return None
+
+
+def diagnose(
+    origin: Origin,
+    *,
+    module: str | None,
+    func: str | None,
+    line_text: str,
+    model_scopes_seen: bool,
+    history: History | None,
+    input_path: str | None,
+    rows: Sequence[int] | None,
+    int_input: dict[str, Any] | None,
+) -> Diagnosis:
+    """Category, cause and fix for one origin. See the module docstring for precedence."""
+    if origin.primitive is None:
+        rows_s = _rows_str(rows)
+        return Diagnosis(
+            "bad_input",
+            f"argument {input_path} already holds {origin.kind.upper()} values{rows_s}",
+            f"clean {input_path}{rows_s} before the step: drop or repair those examples in the "
+            "data pipeline (e.g. `x = jnp.nan_to_num(x)` or keep rows where "
+            "`jnp.isfinite(x).all(axis)`)"
+            f"; if the values are intentional padding, mask them out before any arithmetic.",
+        )
+    if int_input is not None:
+        size, top = int_input["size"], int_input["max"]
+        return Diagnosis(
+            "bad_input",
+            f"integer input {input_path} has values up to {top} but the gathered axis has "
+            f"{size} entries, and jax fills out-of-range gathers with NaN",
+            f"fix the indices in {input_path}{_rows_str(rows)}: every value must be in "
+            f"[0, {size}) (check the vocabulary / number of classes), or mask those rows.",
+        )
+    low = origin.extra.get("float32_finite")
+    dtype = next((s.dtype for s in origin.outputs if s.dtype in ("float16", "bfloat16")), None)
+    dtype = dtype or next(
+        (s.dtype for s in origin.inputs if s.dtype in ("float16", "bfloat16")), None
+    )
+    op = origin.forward_op or origin.primitive
+    if low and dtype is not None:
+        return Diagnosis(
+            "overflow_low_precision",
+            f"{origin.primitive} overflowed {dtype} (max {_dtype_max(dtype):.3g}); "
+            "float32 holds it",
+            "compute this op in float32: cast its operands with `.astype(jnp.float32)` at the "
+            "line, or give the layer `dtype=jnp.float32` (keep param_dtype); with float16 "
+            "also use dynamic loss scaling.",
+        )
+    sing = _singularity(origin)
+    fix = _layer_fix(origin, line_text)
+    loss = in_loss(origin, module, model_scopes_seen, func)
+    if sing is not None:
+        backward = origin.phase == "backward"
+        if backward:
+            why = f"the forward value is finite but the derivative of {op} is not: {sing}"
+        else:
+            why = f"{origin.primitive} at the edge of its domain: {sing}"
+        if loss:
+            return Diagnosis("loss_nan", why, _loss_fix(op, line_text, fix))
+        category = "derivative_singularity" if backward else "forward_singularity"
+        return Diagnosis(category, why, fix or _op_fix(op, origin))
+    if (
+        history is not None
+        and history.growing
+        or _huge(origin)
+        or (origin.primitive in _OVERFLOW_OPS and origin.phase in ("backward", "update"))
+    ):
+        return Diagnosis(
+            "grad_explosion",
+            f"{origin.primitive} overflowed: values grew until they no longer fit"
+            + (" (loss/grad norm grew step over step)" if history and history.growing else ""),
+            _explosion_fix(history),
+        )
+    if origin.primitive in ("exp", "exp2", "expm1", "sinh", "cosh"):
+        return Diagnosis(
+            "loss_nan" if loss else "forward_singularity",
+            f"{origin.primitive} overflowed its input (max {origin.inputs[0].max:.3g})",
+            "subtract the max before exponentiating: jax.nn.softmax / jax.nn.log_softmax / "
+            "jax.nn.logsumexp instead of a hand-written exp",
+        )
+    why = f"{origin.primitive} produced {origin.kind} from finite inputs"
+    if loss:
+        return Diagnosis("loss_nan", why, _loss_fix(op, line_text, fix))
+    category = "derivative_singularity" if origin.phase == "backward" else "forward_singularity"
+    return Diagnosis(category, why, fix or _op_fix(op, origin))
+
+
+def _rows_str(rows: Sequence[int] | None) -> str:
+    if not rows:
+        return ""
+    shown = ", ".join(str(r) for r in list(rows)[:8])
+    return f" (rows {shown}{', ...' if len(rows) > 8 else ''})"
+
+
+def _dtype_max(dtype: str) -> float:
+    return {"float16": 65504.0, "bfloat16": 3.39e38}.get(dtype, 3.4e38)
+
+
+def _op_fix(op: str | None, origin: Origin) -> str:
+    if op in ("sqrt", "cbrt"):
+        return "stablejax.safe_sqrt(x) (finite gradient at 0, exact elsewhere)"
+    if op == "rsqrt":
+        return "stablejax.safe_rsqrt(x) or stablejax.nn.LayerNorm / stablejax.nn.RMSNorm"
+    if op in _LOG_OPS:
+        return "stablejax.safe_log(x), or work in log space (jax.nn.log_softmax)"
+    if op == "div":
+        return "stablejax.safe_div(a, b) (or stablejax.safe_normalize when b is a norm)"
+    if op in ("acos", "asin", "atanh"):
+        return "clip the argument to [-1 + 1e-6, 1 - 1e-6] (jnp.clip) before the call"
+    if op in ("pow", "integer_pow"):
+        return "keep the base away from 0 (jnp.where(x == 0, 1.0, x)) before a negative power"
+    return f"guard the operands of {op} (see the operand ranges below)"
+
+
+def _loss_fix(op: str | None, line_text: str, fix: str | None) -> str:
+    text = line_text.replace(" ", "")
+    if op == "sqrt" and ("**2" in text or "square(" in text or "abs(" in text):
+        return (
+            "write MAE as jnp.abs(pred - y) or use stablejax.losses.mae(pred, y) "
+            "(stablejax.losses.rmse for RMSE): sqrt(x**2) has a NaN gradient at x = 0"
+        )
+    if op in _LOG_OPS:
+        return (
+            "compute the loss from logits in log space: optax.softmax_cross_entropy / "
+            "jax.nn.log_softmax, or stablejax.safe_log(p) when you only have probabilities"
+        )
+    if op == "sqrt":
+        return "stablejax.losses.rmse / stablejax.safe_sqrt for the square root in the loss"
+    return fix or "stablejax.safe_div / safe_log / safe_sqrt for the op in the loss"
+
+
+def _explosion_fix(history: History | None) -> str:
+    clip = history.clip_value() if history is not None else None
+    clip_s = f"optax.clip_by_global_norm({clip})" if clip else "optax.clip_by_global_norm(1.0)"
+    src = " (90th percentile of the healthy grad norms in history)" if clip else ""
+    return (
+        f"clip gradients with {clip_s}{src}, lower the learning rate (e.g. 3-10x) and add "
+        "warm-up (optax.warmup_cosine_decay_schedule), and wrap the optimizer in "
+        "stablejax.optim.guard to skip non-finite steps"
+    )

@@ -1,0 +1,285 @@
+"""``locate``: find the first NaN/Inf of a function's run, explain it, suggest the fix."""
+
+from __future__ import annotations
+
+import inspect
+import linecache
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from stablejax._src import debug_nnx
+from stablejax._src.debug_diagnose import History, diagnose, parse_history
+from stablejax._src.debug_interpreter import Origin, Walker, nonfinite_kind
+from stablejax._src.debug_report import Report
+from stablejax._src.debug_source import Frame, is_user_file, module_path
+
+
+class LocateTraceError(TypeError):
+    """``locate`` could not trace the function on the given arguments."""
+
+
+def locate(
+    fn: Callable[..., Any], *, history: Sequence[Any] | None = None
+) -> Callable[..., Report | None]:
+    """Finds where the first NaN or Inf of ``fn``'s run is born, says why, suggests a fix.
+
+    ``locate(fn)(*args, **kwargs)`` traces ``fn`` to a jaxpr (``jax.make_jaxpr``)
+    and evaluates it equation by equation on the given values, descending into
+    ``jit``, ``custom_jvp``/``custom_vjp`` (their rules too), ``remat``,
+    ``scan`` (reporting the iteration), ``while_loop`` and the taken branch of
+    ``cond``/``switch``. It never re-runs ``fn`` itself, never changes its
+    arguments and never touches global jax configuration.
+
+    The origin is the first equation, in execution order, whose output holds a
+    NaN or an Inf while its inputs are finite, among those whose values reach a
+    non-finite output (or the first of all when a mask hid every one). Unlike
+    ``jax_debug_nans``, this works for values masked before the output, inside
+    ``scan`` bodies, for Inf born before it turns into NaN, and names the module
+    and the user's line for backward-pass values, even inside ``jnp.std``.
+
+    Args:
+      fn: anything callable on arrays: a loss, ``jax.grad(loss)``, a jitted train
+        step, an NNX function taking a module.
+      history: optional recent steps, one entry per step: losses, or dicts with
+        ``'loss'`` and/or ``'grad_norm'``. Used to recognise growth and to derive
+        the clipping value of a ``grad_explosion`` suggestion.
+
+    Returns:
+      A function taking ``fn``'s arguments and returning a :class:`Report`, or
+      ``None`` when every value stays finite.
+
+    Raises:
+      TypeError: if ``fn`` is not callable or ``history`` is malformed; the
+        returned function raises ``LocateTraceError`` (a ``TypeError``) if ``fn``
+        does not trace on the arguments.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from stablejax.debug import locate
+      >>> def pool(x):
+      ...     return jnp.sum(jnp.sqrt(x))
+      >>> report = locate(jax.grad(pool))(jnp.array([0.0, 1.0]))
+      >>> report.primitive, report.kind, report.phase, report.category
+      ('div', 'inf', 'backward', 'derivative_singularity')
+      >>> locate(pool)(jnp.array([1.0])) is None
+      True
+    """
+    if not callable(fn):
+        raise TypeError(
+            "locate: `fn` must be callable (a loss, jax.grad(loss), a jitted train step, ...); "
+            f"got {type(fn).__name__}: {_short(fn)}."
+        )
+    hist = parse_history(history)
+
+    def located(*args: Any, **kwargs: Any) -> Report | None:
+        return _locate(fn, hist, args, kwargs)
+
+    located.__name__ = f"locate({getattr(fn, '__name__', type(fn).__name__)})"
+    located.__doc__ = f"Runs locate on {_short(fn)}; returns a Report or None."
+    return located
+
+
+def _short(x: Any, n: int = 80) -> str:
+    s = repr(x)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _arg_names(fn: Callable[..., Any], nargs: int) -> list[str]:
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return [f"args[{i}]" for i in range(nargs)]
+    names = []
+    for i in range(nargs):
+        if i < len(params) and params[i].kind in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        ):
+            names.append(params[i].name)
+        else:
+            names.append(f"args[{i}]")
+    return names
+
+
+def _path_name(path: tuple[Any, ...], arg_names: list[str]) -> str:
+    head, rest = path[0], path[1:]
+    if getattr(head, "idx", None) == 0 and rest:  # positional args
+        idx = rest[0].idx
+        name = arg_names[idx] if idx < len(arg_names) else f"args[{idx}]"
+        rest = rest[1:]
+    elif rest:  # keyword args
+        name = str(getattr(rest[0], "key", rest[0]))
+        rest = rest[1:]
+    else:
+        name = "args"
+    return name + jax.tree_util.keystr(tuple(rest))
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _bad_rows(x: Any, bad: np.ndarray | None = None) -> list[int]:
+    arr = np.asarray(x)
+    if bad is None:
+        host = arr.astype(np.float32) if arr.dtype.kind == "V" or arr.dtype.itemsize < 4 else arr
+        bad = ~np.isfinite(host)
+    if bad.ndim == 0:
+        return [0] if bool(bad) else []
+    return [int(i) for i in np.nonzero(bad.reshape(bad.shape[0], -1).any(axis=1))[0]]
+
+
+def _locate(
+    fn: Callable[..., Any], hist: History | None, args: tuple, kwargs: dict
+) -> Report | None:
+    with_path, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs))
+    names = _arg_names(fn, len(args))
+    paths = [_path_name(p, names) for p, _ in with_path]
+    leaves = [leaf for _, leaf in with_path]
+    dyn = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, float) and not np.isfinite(leaf):
+            raise ValueError(f"locate: the Python float argument {paths[i]} is {leaf}.")
+
+    def flat_fn(*dyn_vals: Any) -> Any:
+        full = list(leaves)
+        for i, v in zip(dyn, dyn_vals):
+            full[i] = v
+        a, k = jax.tree_util.tree_unflatten(treedef, full)
+        return fn(*a, **k)
+
+    try:
+        with debug_nnx.nnx_module_names():
+            closed = jax.make_jaxpr(flat_fn)(*[leaves[i] for i in dyn])
+    except Exception as e:
+        shapes = ", ".join(
+            f"{paths[i]}: {getattr(leaves[i], 'dtype', type(leaves[i]).__name__)}"
+            f"{list(np.shape(leaves[i]))}"
+            for i in dyn[:6]
+        )
+        raise LocateTraceError(
+            f"locate: could not trace {_short(fn)} on the given arguments ({shapes}"
+            f"{', ...' if len(dyn) > 6 else ''}): {type(e).__name__}: {e}"
+        ) from e
+
+    walker = Walker()
+    taints: list[int | None] = []
+    origin_leaf: dict[int, int] = {}
+    for j, i in enumerate(dyn):
+        leaf = leaves[i]
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and np.issubdtype(dtype, np.inexact) and nonfinite_kind(leaf):
+            t = walker.new_input_origin(j, leaf)
+            origin_leaf[t] = i
+            taints.append(t)
+        else:
+            taints.append(None)
+    walker.run(closed, [leaves[i] for i in dyn], taints)
+    if not walker.origins:
+        return None
+    reaches = bool(walker.reached)
+    origin = walker.origins[walker.reached[0]] if reaches else walker.origins[0]
+    return _report(origin, walker, leaves, dyn, paths, origin_leaf, hist, reaches)
+
+
+def _int_input(
+    origin: Origin, leaves: list[Any], dyn: list[int], paths: list[str]
+) -> tuple[str, list[int], dict[str, Any]] | None:
+    """For a gather that filled NaN, the integer argument holding out-of-range indices."""
+    info = origin.extra.get("gather")
+    if not info or not info["out_of_range"] or not info["sizes"]:
+        return None
+    best = None
+    for i in dyn:
+        leaf = np.asarray(leaves[i])
+        if leaf.dtype.kind not in "iu" or leaf.size == 0:
+            continue
+        for size in info["sizes"]:
+            bad = (leaf >= size) | (leaf < -size)
+            if bad.any():
+                score = (int(leaf.max()) == info["max_index"], int(bad.sum()))
+                if best is None or score > best[0]:
+                    best = (
+                        score,
+                        paths[i],
+                        _bad_rows(leaf, bad),
+                        {"size": size, "max": int(leaf.max())},
+                    )
+    return None if best is None else best[1:]
+
+
+def _report(
+    origin: Origin,
+    walker: Walker,
+    leaves: list[Any],
+    dyn: list[int],
+    paths: list[str],
+    origin_leaf: dict[int, int],
+    hist: History | None,
+    reaches: bool,
+) -> Report:
+    input_path = rows = int_info = None
+    if origin.primitive is None:
+        leaf_index = origin_leaf[origin.index]
+        input_path, rows = paths[leaf_index], _bad_rows(leaves[leaf_index])
+    else:
+        found = _int_input(origin, leaves, dyn, paths)
+        if found is not None:
+            input_path, rows, int_info = found
+    user = [f for f in origin.frames if is_user_file(f.file)]
+    func = user[0].function if user else None
+    line_text = linecache.getline(user[0].file, user[0].line) if user else ""
+    module = module_path(origin.scopes, frozenset(debug_nnx.ROOT_NAMES))
+    scoped = any(o.scopes for o in walker.origins) or bool(origin.scopes) or _any_scope(walker)
+    d = diagnose(
+        origin,
+        module=module,
+        func=func,
+        line_text=line_text,
+        model_scopes_seen=scoped,
+        history=hist,
+        input_path=input_path,
+        rows=rows,
+        int_input=int_info,
+    )
+    return Report(
+        primitive=origin.primitive,
+        kind=origin.kind,
+        phase=origin.phase,
+        category=d.category,
+        suggestion=d.suggestion,
+        why=d.why,
+        input_path=input_path,
+        rows=rows,
+        module=module,
+        source=_source(user[0]) if user else None,
+        frames=[str(_rel(f)) for f in user],
+        inputs=list(origin.inputs),
+        iteration=origin.iterations[0] if origin.iterations else None,
+        iterations=list(origin.iterations),
+        op=origin.forward_op or origin.primitive,
+        name_stack=origin.name_stack,
+        reaches_output=reaches,
+        origins=len(walker.origins),
+    )
+
+
+def _any_scope(walker: Walker) -> bool:
+    return walker.scoped
+
+
+def _rel(frame: Frame) -> Frame:
+    try:
+        rel = os.path.relpath(frame.file)
+    except ValueError:
+        return frame
+    return frame._replace(file=frame.file if rel.startswith("..") else rel)
+
+
+def _source(frame: Frame) -> str:
+    f = _rel(frame)
+    return f"{f.file}:{f.line}"

@@ -1,0 +1,21 @@
+"""Finding where a NaN or Inf is born under jit, why, and the fix.
+
+``locate`` walks the jaxpr of a function on concrete values and reports the
+first equation that made a NaN or an Inf (primitive, phase, Flax module, the
+user's line, operand ranges, category and a concrete fix). ``nan_trap`` does
+the same from jax's own ``jax_debug_nans`` machinery; ``watch`` adds cheap
+finiteness flags to a train step and ``watch_loop`` calls ``locate`` when one
+trips.
+"""
+
+from stablejax._src.debug_locate import LocateTraceError as LocateTraceError
+from stablejax._src.debug_locate import locate as locate
+from stablejax._src.debug_nnx import nnx_module_names as nnx_module_names
+from stablejax._src.debug_report import Report as Report
+
+__all__ = [
+    "LocateTraceError",
+    "Report",
+    "locate",
+    "nnx_module_names",
+]
