@@ -67,6 +67,15 @@ class GuardState(NamedTuple):
     inner_state: Any
 
 
+def _zeros_like_struct(s: jax.ShapeDtypeStruct) -> Array:
+    z = jnp.zeros(s.shape, s.dtype)
+    # Inside shard_map the branches of a cond must agree on which axes vary.
+    varying = getattr(getattr(s, "manual_axis_type", None), "varying", None)
+    if varying:
+        z = lax.pcast(z, tuple(sorted(varying)), to="varying")
+    return z
+
+
 def guard(
     inner: optax.GradientTransformation,
     *,
@@ -235,7 +244,7 @@ def guard(
 
         def refuse(operands):
             _, inner_state = operands
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes)
+            zeros = jax.tree.map(_zeros_like_struct, out_shapes)
             if on_give_up != "reset" or max_consecutive_skips is None:
                 return zeros, inner_state
             template = params if params is not None else updates
