@@ -483,9 +483,19 @@ def _scope_names(name_stack: Any) -> list[str]:
 
 
 def _site_key(frames: tuple[Frame, ...], traceback: Any) -> tuple[Any, ...]:
-    """Identifies a traced op: its own frames plus the user frames around it."""
+    """Identifies a traced op: jax's frames below the user's code, and the user's line.
+
+    The forward op, the JVP-rule terms computed from it and its transposed
+    equations share these, whichever jaxpr nesting they end up in.
+    """
     own = traceback_frames(traceback)
-    return own + tuple(f for f in frames[len(own) :] if is_user_file(f.file))
+    internal = []
+    for f in own:
+        if is_user_file(f.file):
+            break
+        internal.append((f.file, f.line))
+    user = next((f for f in (*own, *frames) if is_user_file(f.file)), None)
+    return (tuple(internal[-4:]), user)
 
 
 def _finite_in_float32(eqn, invals, site) -> bool | None:

@@ -17,6 +17,11 @@ from stablejax._src.debug_interpreter import Origin, Walker, nonfinite_kind
 from stablejax._src.debug_report import Report
 from stablejax._src.debug_source import Frame, is_user_file, module_path
 
+# Part of jax's tracing-cache key: tracing under a value of our own makes
+# `jax.jit`/`nnx.jit` functions that already ran re-trace, so NNX module names
+# are stamped even on steps compiled before locate was called.
+_FRESH_TRACE = jax.make_user_context(None)
+
 
 class LocateTraceError(TypeError):
     """``locate`` could not trace the function on the given arguments."""
@@ -153,7 +158,7 @@ def _locate(
         return fn(*a, **k)
 
     try:
-        with debug_nnx.nnx_module_names():
+        with debug_nnx.nnx_module_names(), _FRESH_TRACE("stablejax.debug.locate"):
             closed = jax.make_jaxpr(flat_fn)(*[leaves[i] for i in dyn])
     except Exception as e:
         shapes = ", ".join(

@@ -32,6 +32,8 @@ _LIBRARY_PARTS = (
     f"{os.sep}pluggy{os.sep}",
 )
 _OPTIMIZER_PARTS = (f"{os.sep}optax{os.sep}", f"{os.sep}stablejax{os.sep}_src{os.sep}guard")
+# Scopes jax itself opens (``jax.checkpoint``); they are not modules.
+_JAX_SCOPES = frozenset({"rematted_computation", "checkpoint", "remat"})
 _WRAPPER_RE = re.compile(r"^(?:[A-Za-z_]+\()+(.*?)\)*$")
 
 
@@ -86,10 +88,14 @@ def scopes(name_stack: Any) -> list[str]:
         for part in str(name_stack).split("/"):
             match = _WRAPPER_RE.match(part)
             name = match.group(1) if match else part
-            if name:
+            if name and name not in _JAX_SCOPES:
                 out.append(name)
         return out
-    return [elem.name for elem in stack if type(elem).__name__ == "Scope" and elem.name]
+    return [
+        elem.name
+        for elem in stack
+        if type(elem).__name__ == "Scope" and elem.name and elem.name not in _JAX_SCOPES
+    ]
 
 
 def has_transform(name_stack: Any, transform: str) -> bool:
@@ -111,6 +117,8 @@ def module_path(scope_names: Sequence[str], nnx_roots: frozenset[str] = frozense
     """
     out: list[str] = []
     for name in scope_names:
+        if out and name == out[-1]:
+            continue
         if out and name.startswith(out[-1] + "."):
             out[-1] = name
         else:
