@@ -146,7 +146,9 @@ class L2Normalize(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", self.scale_init, (), self.param_dtype) if self.use_scale else None
+        scale = None
+        if self.use_scale:
+            scale = self.param("scale", self.scale_init, (), self.param_dtype)
         return core.l2_normalize(x, self.axis, scale, self.dtype, "stablejax.nn.L2Normalize")
 
 
