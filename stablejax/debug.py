@@ -12,10 +12,20 @@ from stablejax._src.debug_locate import LocateTraceError as LocateTraceError
 from stablejax._src.debug_locate import locate as locate
 from stablejax._src.debug_nnx import nnx_module_names as nnx_module_names
 from stablejax._src.debug_report import Report as Report
+from stablejax._src.debug_trap import NonFiniteError as NonFiniteError
+from stablejax._src.debug_trap import nan_trap as nan_trap
+from stablejax._src.debug_watch import finite_flags as finite_flags
+from stablejax._src.debug_watch import watch as watch
+from stablejax._src.debug_watch import watch_loop as watch_loop
 
 __all__ = [
     "LocateTraceError",
+    "NonFiniteError",
     "Report",
+    "finite_flags",
     "locate",
+    "nan_trap",
     "nnx_module_names",
+    "watch",
+    "watch_loop",
 ]

@@ -1,0 +1,136 @@
+"""``nan_trap``: jax's ``jax_debug_nans`` machinery, answering with a ``Report``."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import types
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+
+from stablejax._src.debug_locate import locate
+from stablejax._src.debug_report import Report
+from stablejax._src.debug_source import Frame, innermost_user_frame
+
+_DISPATCH = ("_run_python_pjit", "_python_pjit_helper", "maybe_recursive_nan_check")
+_MESSAGE = re.compile(r"invalid value \((nan|inf)\) encountered in ([\w.<>]+)")
+
+
+class NonFiniteError(FloatingPointError):
+    """A ``FloatingPointError`` from ``jax_debug_nans``/``jax_debug_infs`` with a ``Report``.
+
+    Attributes:
+      report: the :class:`stablejax.debug.Report` for the failing call.
+    """
+
+    def __init__(self, report: Report, original: str) -> None:
+        super().__init__(f"{report.headline}\n(jax: {original})")
+        self.report = report
+
+
+def _failing_call(err: BaseException) -> tuple[Any, tuple, dict] | None:
+    """The outermost ``jax.jit`` call that failed: its function and arguments.
+
+    jax's jit dispatch (``pjit._run_python_pjit``) holds the user's function and
+    its arguments as locals when ``jax_debug_nans`` catches the NaN; the frame is
+    on the traceback of the internal error in the exception's context chain
+    (jax filters it out of the user-facing traceback).
+    """
+    seen: set[int] = set()
+    exc: BaseException | None = err
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        tb: types.TracebackType | None = exc.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            if frame.f_code.co_name in _DISPATCH and "fun" in frame.f_locals:
+                loc = frame.f_locals
+                return loc["fun"], tuple(loc.get("args", ())), dict(loc.get("kwargs") or {})
+            tb = tb.tb_next
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _fallback_report(err: FloatingPointError) -> Report:
+    """A report from jax's message and the traceback, when no jit call is on the stack."""
+    text = str(err)
+    match = _MESSAGE.search(text)
+    kind, prim = (match.group(1), match.group(2)) if match else ("nan", None)
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        frames.append(Frame(code.co_filename, tb.tb_lineno, code.co_name))
+        tb = tb.tb_next
+    user = innermost_user_frame(reversed(frames))
+    return Report(
+        primitive=prim,
+        kind=kind,
+        phase="backward" if "backward pass" in text else "forward",
+        category="forward_singularity",
+        suggestion="run stablejax.debug.locate(fn)(*args) for the full diagnosis",
+        why=f"jax_debug_nans stopped at {prim}",
+        source=f"{user.file}:{user.line}" if user else None,
+    )
+
+
+@contextlib.contextmanager
+def nan_trap(*, history: Sequence[Any] | None = None) -> Iterator[None]:
+    """Turns on ``jax_debug_nans``/``jax_debug_infs``; their error carries a ``Report``.
+
+    Inside the block jax checks every jitted call's outputs and raises
+    ``FloatingPointError`` at the first NaN/Inf; ``nan_trap`` re-raises it as
+    :class:`NonFiniteError` (a ``FloatingPointError``) whose ``report`` is what
+    :func:`stablejax.debug.locate` says about the failing jitted call and its
+    arguments. The flags are restored on exit, also on error.
+
+    Where ``locate`` does better (measured, see ``docs/debug.md``): jax raises
+    only when a NaN reaches a jitted function's output (``jnp.where``-masked NaNs
+    pass); an Inf inside a jitted function that does not reach its output is
+    missed; a jitted step compiled before the block, or a step on its fast call
+    path, may not be re-checked at all; and the re-run is op by op. ``locate``
+    needs none of this: call it on the step and its inputs when a loss or a
+    ``watch`` flag goes bad.
+
+    Args:
+      history: passed to ``locate`` (recent losses / grad norms).
+
+    Raises:
+      NonFiniteError: on the first NaN/Inf jax detects inside the block.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from stablejax.debug import nan_trap
+      >>> try:
+      ...     with nan_trap():
+      ...         jax.jit(lambda x: jnp.log(x) - 1.0)(jnp.array([-1.0]))
+      ... except FloatingPointError as e:
+      ...     report = e.report  # doctest: +ELLIPSIS
+      Invalid nan value encountered in the output of a jax.jit function...
+      >>> report.primitive, report.category
+      ('log', 'forward_singularity')
+    """
+    nans, infs = jax.config.jax_debug_nans, jax.config.jax_debug_infs
+    jax.config.update("jax_debug_nans", True)
+    jax.config.update("jax_debug_infs", True)
+    try:
+        yield
+    except NonFiniteError:
+        raise
+    except FloatingPointError as err:
+        call = _failing_call(err)
+        jax.config.update("jax_debug_nans", nans)
+        jax.config.update("jax_debug_infs", infs)
+        report = None
+        if call is not None:
+            fn, args, kwargs = call
+            try:
+                report = locate(getattr(fn, "__wrapped__", fn), history=history)(*args, **kwargs)
+            except Exception:  # the trap must surface jax's error, not ours
+                report = None
+        raise NonFiniteError(report or _fallback_report(err), str(err)) from err
+    finally:
+        jax.config.update("jax_debug_nans", nans)
+        jax.config.update("jax_debug_infs", infs)

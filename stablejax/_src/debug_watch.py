@@ -1,0 +1,196 @@
+"""``watch``: cheap always-on finiteness flags; ``watch_loop``: locate when one trips."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stablejax._src.debug_locate import locate
+from stablejax._src.debug_report import Report
+
+_GROUP_DEPTH = 3
+
+
+def _group_name(path: tuple[Any, ...]) -> str:
+    keep = path[:_GROUP_DEPTH]
+    return jax.tree_util.keystr(tuple(keep)) or "out"
+
+
+def finite_flags(tree: Any) -> dict[str, jax.Array]:
+    """One boolean scalar per group of float leaves: ``True`` when all are finite.
+
+    Leaves are grouped by their path cut to at most three keys, so a train
+    step's ``(params, opt_state, loss)`` gives one flag per top-level module
+    (``[0]['params']['Dense_0']``), per optimizer-state part and one for the
+    loss. Runs inside ``jit``: no host callback.
+    """
+    groups: dict[str, list[jax.Array]] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+            continue
+        groups.setdefault(_group_name(path), []).append(jnp.isfinite(leaf).all())
+    return {name: functools.reduce(jnp.logical_and, flags) for name, flags in groups.items()}
+
+
+def watch(fn: Callable[..., Any]) -> Callable[..., tuple[Any, dict[str, jax.Array]]]:
+    """Returns ``fn`` with one more output: finiteness flags of its outputs.
+
+    ``watch(step)(*args)`` returns ``(step(*args), flags)``, where ``flags`` maps
+    a group of output leaves (``[2]`` for a returned loss,
+    ``[0]['params']['Block_0']`` per top-level module of returned params or
+    gradients, ``[1][0].mu`` per optimizer-state part) to a boolean scalar.
+    The flags are computed in the same jitted computation (jit the result, or
+    pass an already jitted ``fn``: both work), without host callbacks, so they
+    cost one extra read of the outputs. Return the gradients (or their global
+    norm) from the step to watch them too.
+
+    Args:
+      fn: the function to watch, typically a train step.
+
+    Returns:
+      The watched function.
+
+    Raises:
+      TypeError: if ``fn`` is not callable.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from stablejax.debug import watch
+      >>> step = jax.jit(watch(lambda w, x: (w - 0.1 * x, jnp.log(x).sum())))
+      >>> out, flags = step(jnp.ones(2), jnp.array([1.0, 0.0]))
+      >>> {k: bool(v) for k, v in flags.items()}
+      {'[0]': True, '[1]': False}
+    """
+    if not callable(fn):
+        raise TypeError(f"watch: `fn` must be callable, got {type(fn).__name__}: {fn!r:.80}.")
+
+    @functools.wraps(fn)
+    def watched(*args: Any, **kwargs: Any) -> tuple[Any, dict[str, jax.Array]]:
+        out = fn(*args, **kwargs)
+        return out, finite_flags(out)
+
+    return watched
+
+
+def _skipped_total(opt_state: Any) -> int | None:
+    """The optim guard's skip counter, or ``None`` when there is no guard."""
+    try:
+        from stablejax import optim
+    except ImportError:
+        return None
+    metrics = getattr(optim, "metrics", None)
+    if metrics is None:
+        return None
+    try:
+        return int(np.asarray(metrics(opt_state)["skipped_total"]))
+    except Exception:  # no guard in this state
+        return None
+
+
+class watch_loop:  # noqa: N801  (used like a function)
+    """Runs a train step with ``watch`` flags; on the first bad step, locates and reports.
+
+    Each call ``runner(*args)`` runs ``watch(step)`` jitted, reads its flags
+    (a few booleans), and returns ``step``'s outputs. When a flag is ``False``
+    or the ``stablejax.optim.guard`` in the optimizer state reports a new skip,
+    it calls :func:`locate` on ``step`` with the same arguments, prints the
+    report once, saves it as JSON to ``report_path``, and keeps going (or
+    raises, with ``stop=True``). ``runner.report`` holds the report.
+
+    The step must not donate its arguments (``donate_argnums``): ``locate``
+    re-reads them after the step ran.
+
+    Args:
+      step: the train step (jitted or not).
+      report_path: where the JSON report goes; ``None`` to skip saving.
+      metrics: optional ``out -> {'loss': ..., 'grad_norm': ...}``; the values
+        build the history given to ``locate``.
+      opt_state: optional ``out -> opt_state``, to watch the guard's skip count.
+      stop: raise ``FloatingPointError`` after reporting instead of continuing.
+      printer: called with the report text (default ``print``).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from stablejax.debug import watch_loop
+      >>> run = watch_loop(lambda w, x: (w * x, jnp.log(x).sum()), report_path=None,
+      ...                  printer=lambda s: print(s.splitlines()[1][:27]))
+      >>> _ = run(jnp.ones(2), jnp.array([1.0, 2.0]))
+      >>> _ = run(jnp.ones(2), jnp.array([1.0, 0.0]))
+      Inf born in log, forward pa
+      >>> run.report.primitive, run.bad_steps
+      ('log', [1])
+    """
+
+    def __init__(
+        self,
+        step: Callable[..., Any],
+        *,
+        report_path: str | os.PathLike[str] | None = "nan_report.json",
+        metrics: Callable[[Any], Mapping[str, Any]] | None = None,
+        opt_state: Callable[[Any], Any] | None = None,
+        stop: bool = False,
+        printer: Callable[[str], None] = print,
+        history_size: int = 100,
+    ) -> None:
+        if not callable(step):
+            raise TypeError(f"watch_loop: `step` must be callable, got {type(step).__name__}.")
+        self.step = step
+        self._watched = jax.jit(watch(step))
+        self.report_path = report_path
+        self._metrics = metrics
+        self._opt_state = opt_state
+        self.stop = stop
+        self._print = printer
+        self.history: list[dict[str, float]] = []
+        self._history_size = history_size
+        self.report: Report | None = None
+        self.bad_steps: list[int] = []
+        self.steps = 0
+        self._skipped: int | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out, flags = self._watched(*args, **kwargs)
+        host_flags = {k: bool(v) for k, v in jax.device_get(flags).items()}
+        bad = [k for k, ok in host_flags.items() if not ok]
+        if self._metrics is not None:
+            entry = {k: float(np.asarray(v)) for k, v in self._metrics(out).items()}
+            if entry.get("loss") is not None and not math.isfinite(entry["loss"]):
+                bad.append("loss")
+            self.history = (self.history + [entry])[-self._history_size :]
+        if self._opt_state is not None:
+            skipped = _skipped_total(self._opt_state(out))
+            if skipped is not None and self._skipped is not None and skipped > self._skipped:
+                bad.append("guard skip")
+            self._skipped = skipped if skipped is not None else self._skipped
+        if bad:
+            self.bad_steps.append(self.steps)
+            if self.report is None:
+                self._locate(args, kwargs, bad)
+        self.steps += 1
+        return out
+
+    def _locate(self, args: Sequence[Any], kwargs: Mapping[str, Any], bad: list[str]) -> None:
+        history = self.history[:-1] or None
+        report = locate(self.step, history=history)(*args, **kwargs)
+        self.report = report
+        if report is None:
+            self._print(
+                f"stablejax.debug.watch_loop: step {self.steps} flagged {bad}, but locate "
+                "found no NaN/Inf when re-evaluating it on the same inputs."
+            )
+            return
+        self._print(f"stablejax.debug.watch_loop: step {self.steps} flagged {bad}.\n{report}")
+        if self.report_path is not None:
+            with open(self.report_path, "w") as f:
+                json.dump({"step": self.steps, "flags": bad, **report.to_dict()}, f, indent=2)
+        if self.stop:
+            raise FloatingPointError(report.headline)
