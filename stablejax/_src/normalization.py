@@ -86,8 +86,9 @@ def _exact_standardize(
     if use_mean:
         first = tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))
         ref = x[first] if mask is None else jnp.where(mask[first], x[first], 0.0)
-        mean, _ = mean_spread(x - ref, mask, axes, True, False)
-        x = x - (ref + mean)
+        shifted = x - ref  # exact for a nearly constant row; the mean is taken of these
+        mean, _ = mean_spread(shifted, mask, axes, True, False)
+        x = shifted - mean
     return unit(x, mask, axes, mean=True, floor=NORMALIZE_GRAD_FLOOR)
 
 
