@@ -203,7 +203,9 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="output='max'"):
         nn.StdPool(output="max")
     with pytest.raises(ValueError, match="feature axis"):
-        snnx.StdPool(axis=-1)(X)
+        snnx.StdPool(axis=-1)
+    with pytest.raises(ValueError, match="axis=2 is the feature axis"):
+        nn.StdPool(axis=2).apply({}, X)
     with pytest.raises(ValueError, match="mask must be shaped"):
         nn.StdPool().apply({}, X, jnp.ones(X.shape, bool))
     with pytest.raises(ValueError, match="rngs"):

@@ -183,7 +183,7 @@ class StdPool(nn.Module):
     dtype: Any = None
 
     def __post_init__(self):
-        core.check_std_pool_output(self.output, "stablejax.nn.StdPool")
+        core.check_std_pool_config(self.axis, self.output, "stablejax.nn.StdPool")
         super().__post_init__()
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:

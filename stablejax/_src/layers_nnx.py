@@ -141,7 +141,7 @@ class StdPool(nnx.Module):
     """
 
     def __init__(self, axis: int = -2, *, output: str = "mean_std", dtype: Any = None):
-        core.check_std_pool_output(output, "stablejax.nnx.StdPool")
+        core.check_std_pool_config(axis, output, "stablejax.nnx.StdPool")
         self.axis = axis
         self.output = output
         self.dtype = dtype

@@ -208,7 +208,15 @@ def std_pool(
     return out.astype(out_dtype)
 
 
-def check_std_pool_output(output: str, where: str) -> None:
+def check_std_pool_config(axis: int, output: str, where: str) -> None:
+    """Construction-time checks of ``StdPool``: the output kind and the time axis."""
+    if not isinstance(axis, int) or isinstance(axis, bool):
+        raise TypeError(f"{where}: axis must be an int (the time axis), got {axis!r}.")
+    if axis == -1:
+        raise ValueError(
+            f"{where}: axis=-1 is the feature axis; pass the time axis, "
+            "e.g. axis=-2 for inputs shaped (batch, time, features)."
+        )
     if output not in STD_POOL_OUTPUTS:
         raise ValueError(
             f"{where}: output={output!r} is not one of {STD_POOL_OUTPUTS}; use 'mean_std' "
