@@ -212,7 +212,7 @@ def _layer_fix(origin: Origin, line_text: str) -> str | None:
         )
     if "var(" in text or "_var" in funcs:
         return "stablejax.safe_var(h, axis=...)"
-    if "normalize" in text or ("norm(" in text and op == "div"):
+    if "normalize" in text or ("norm(" in text and (op == "div" or "/" in text)):
         return (
             "stablejax.safe_normalize(x, axis=-1) (layer: stablejax.nn.L2Normalize / "
             "stablejax.nnx.L2Normalize)"
