@@ -1,0 +1,8 @@
+"""``python -m stablejax demo``: the command line (see :mod:`stablejax._src.demo_cli`)."""
+
+import sys
+
+from stablejax._src.demo_cli import main as main
+
+if __name__ == "__main__":
+    sys.exit(main())

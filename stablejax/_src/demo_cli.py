@@ -1,0 +1,148 @@
+"""The ``stablejax`` command line: ``stablejax demo [--scenario NAME] [--steps N] ...``.
+
+Bad input (an unknown scenario, an unwritable output folder, a malformed
+option) gives one line on stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+MIN_STEPS = 20
+DEFAULT_STEPS = 200
+DEFAULT_OUT = "stablejax-demo"
+
+EXIT_USAGE = 2  # bad command line
+EXIT_IO = 1  # cannot write the output
+EXIT_FAILED = 3  # a scenario did not show what it should
+
+
+class UsageError(Exception):
+    """A malformed command line; the message is the one line shown to the user."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage and exits; we want one line
+        raise UsageError(message)
+
+
+def _steps(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--steps must be an integer, got {value!r}") from None
+    if n < MIN_STEPS:
+        raise argparse.ArgumentTypeError(f"--steps must be at least {MIN_STEPS}, got {n}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``stablejax`` command."""
+    from stablejax._src.demo_scenarios import SCENARIOS
+
+    parser = _Parser(
+        prog="stablejax", description="stablejax: numerical stability for JAX/Flax training."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo = sub.add_parser(
+        "demo",
+        help="train through six causes of NaN: find each with locate, fix it with stablejax",
+        description="One small training run per cause of NaN: the naive run until it goes "
+        "non-finite, stablejax.debug.locate's report, then the run with the stablejax fix. "
+        f"Scenarios: {', '.join(SCENARIOS)}.",
+    )
+    demo.add_argument(
+        "--scenario", action="append", metavar="NAME",
+        help="run only this scenario (repeat or comma-separate for several; default: all)",
+    )
+    demo.add_argument(
+        "--steps", type=_steps, default=DEFAULT_STEPS, metavar="N",
+        help=f"training steps per run (default {DEFAULT_STEPS}, at least {MIN_STEPS})",
+    )
+    demo.add_argument(
+        "--out", default=DEFAULT_OUT, metavar="DIR",
+        help=f"folder for the figures and reports (default ./{DEFAULT_OUT}/)",
+    )
+    demo.add_argument("--no-plots", action="store_true", help="do not write the PNG figures")
+    return parser
+
+
+def _check_out(out: str) -> None:
+    """Creates ``out`` and checks a file can be written there.
+
+    Raises:
+      OSError: if it cannot.
+    """
+    os.makedirs(out, exist_ok=True)
+    probe = os.path.join(out, ".stablejax-write-test")
+    with open(probe, "w") as f:
+        f.write("ok")
+    os.remove(probe)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"stablejax: error: {message}", file=sys.stderr)
+    return code
+
+
+def run_demo(names: Sequence[str], steps: int, out: str, plots: bool) -> int:
+    """Runs the scenarios ``names``, prints the summary and writes ``out``; the exit status."""
+    from rich.console import Console
+
+    from stablejax._src import demo_report, demo_runner
+
+    console = Console(highlight=False)
+    if not console.is_terminal:  # logs and CI: wide enough for the summary table
+        console = Console(highlight=False, width=120)
+    start = time.perf_counter()
+    results = [demo_runner.run_scenario(demo_runner.SCENARIOS[n], steps, console) for n in names]
+    wall = time.perf_counter() - start
+    console.print()
+    console.print(demo_runner.summary_table(results, wall))
+    try:
+        written = demo_report.write_reports(out, results, wall, steps, plots)
+        if plots:
+            from stablejax._src.demo_plots import plot_scenario
+
+            for r in results:
+                path = os.path.join(out, f"{r.scenario.name}.png")
+                plot_scenario(r, path)
+                written.append(path)
+    except OSError as e:
+        return _fail(f"cannot write to {out!r}: {e.strerror or e}", EXIT_IO)
+    console.print(f"wrote {', '.join(written)}")
+    bad = [r.scenario.name for r in results if not r.ok]
+    if bad:
+        return _fail(f"scenario(s) did not behave as expected: {', '.join(bad)}", EXIT_FAILED)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``stablejax`` console script and ``python -m stablejax``.
+
+    Args:
+      argv: the arguments after the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+      The exit status: 0 on success, 2 for a bad command line, 1 when the output
+      folder cannot be written, 3 when a scenario did not show what it should.
+    """
+    from stablejax._src.demo_runner import scenario_names
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            raise UsageError("choose a command: demo (see stablejax --help)")
+        names = scenario_names(args.scenario)
+    except (UsageError, ValueError) as e:
+        return _fail(str(e), EXIT_USAGE)
+    try:
+        _check_out(args.out)
+    except OSError as e:
+        return _fail(f"cannot write to output folder {args.out!r}: {e.strerror or e}", EXIT_IO)
+    return run_demo(names, args.steps, args.out, not args.no_plots)

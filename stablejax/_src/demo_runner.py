@@ -1,0 +1,218 @@
+"""Runs the demo's scenarios: the naive run, ``locate`` on its bad step, the fixed run.
+
+Everything the demo shows on the console is printed here with ``rich``; the
+files it writes are produced by :mod:`stablejax._src.demo_report` and
+:mod:`stablejax._src.demo_plots`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import linecache
+import math
+import time
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from stablejax._src.debug_locate import locate
+from stablejax._src.debug_report import Report
+from stablejax._src.demo_scenarios import SCENARIOS, Scenario
+from stablejax._src.demo_train import Batch, Run, RunLog
+
+
+@dataclasses.dataclass
+class ScenarioResult:
+    """What one scenario showed.
+
+    Attributes:
+      scenario: the scenario.
+      steps: steps asked for.
+      naive: the naive run (stopped at its first non-finite step).
+      fixed: the fixed run (all ``steps``).
+      report: ``locate``'s report on the naive run's bad step, if it had one.
+      locate_seconds: wall time of ``locate``.
+      seconds: wall time of the whole scenario, compilation included.
+    """
+
+    scenario: Scenario
+    steps: int
+    naive: RunLog
+    fixed: RunLog
+    report: Report | None
+    locate_seconds: float
+    seconds: float
+
+    @property
+    def category_ok(self) -> bool:
+        """Whether ``locate`` gave the category the scenario is about."""
+        return self.report is not None and self.report.category == self.scenario.expected_category
+
+    @property
+    def ok(self) -> bool:
+        """Naive run went non-finite, locate got it right, the fixed run finished finite."""
+        return self.naive.nonfinite_step is not None and self.category_ok and (
+            self.fixed.finished_finite and self.fixed.steps_run == self.steps
+        )
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}" if math.isfinite(x) else ("NaN" if math.isnan(x) else str(x))
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}", justify="left"),
+        BarColumn(bar_width=30),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def _train(
+    run: Run, batches: Sequence[Batch], label: str, naive: bool, console: Console
+) -> tuple[RunLog, tuple | None]:
+    with _progress(console) as progress:
+        task = progress.add_task(label, total=len(batches), loss="-")
+
+        def on_step(i: int, loss: float) -> None:
+            progress.update(task, completed=i + 1, loss=_fmt(loss))
+
+        log, culprit = run.train(batches, stop_on_nonfinite=naive, on_step=on_step)
+        if naive and log.nonfinite_step is not None:
+            progress.update(
+                task, description=f"[red]{label}: non-finite at step {log.nonfinite_step}"
+            )
+        elif log.skipped:
+            progress.update(
+                task, description=f"[green]{label}: finished, {len(log.skipped)} step(s) skipped"
+            )
+        else:
+            progress.update(task, description=f"[green]{label}: finished")
+    return log, culprit
+
+
+def source_line(report: Report) -> str:
+    """The text of the user's line the report points at ('' when unknown)."""
+    if not report.source or ":" not in report.source:
+        return ""
+    file, _, line = report.source.rpartition(":")
+    try:
+        return linecache.getline(file, int(line)).strip()
+    except ValueError:
+        return ""
+
+
+def report_panel(report: Report) -> Panel:
+    """The ``locate`` report as a rich panel: op, module, phase, line, category, fix."""
+    table = Table.grid(padding=(0, 1))
+    table.add_column(style="bold cyan", no_wrap=True)
+    table.add_column()
+    what = "NaN" if report.kind == "nan" else "Inf"
+    op = report.primitive or "(input)"
+    if report.op and report.op != report.primitive:
+        op += f" (derivative of {report.op})"
+    table.add_row("first", f"{what} born in {op}")
+    if report.input_path:
+        rows = f" rows {report.rows}" if report.rows else ""
+        table.add_row("input", f"{report.input_path}{rows}")
+    table.add_row("module", report.module or "-")
+    table.add_row("phase", report.phase)
+    line = source_line(report)
+    table.add_row("line", f"{report.source or '-'}" + (f"  {line}" if line else ""))
+    table.add_row("category", Text(report.category, style="bold magenta"))
+    table.add_row("why", report.why)
+    table.add_row("fix", Text(report.suggestion, style="green"))
+    return Panel(table, title="stablejax.debug.locate", border_style="magenta", expand=False)
+
+
+def run_scenario(scenario: Scenario, steps: int, console: Console) -> ScenarioResult:
+    """Runs one scenario and prints its progress and ``locate`` report."""
+    start = time.perf_counter()
+    console.rule(f"[bold]{scenario.title}[/bold]  ({scenario.name})")
+    console.print(f"[dim]cause:[/dim] {scenario.cause}")
+    batches, naive_recipe, fixed_recipe = scenario.build(steps)
+    naive_run = Run.build(naive_recipe)
+    naive, culprit = _train(naive_run, batches, "naive", True, console)
+    report, locate_seconds = None, 0.0
+    if culprit is None:
+        console.print("[yellow]the naive run stayed finite: nothing to locate[/yellow]")
+    else:
+        step = naive.nonfinite_step
+        console.print(
+            f"naive run went non-finite at step {step} (loss {_fmt(naive.losses[step])}, "
+            f"grad norm {_fmt(naive.grad_norms[step])}); calling locate on that step:"
+        )
+        t = time.perf_counter()
+        report = locate(naive_run.train_step, history=naive.history()[:step])(*culprit)
+        locate_seconds = time.perf_counter() - t
+        if report is None:
+            console.print("[yellow]locate found no NaN/Inf re-evaluating the step[/yellow]")
+        else:
+            console.print(report_panel(report))
+    console.print(f"[dim]fix:[/dim] {scenario.fix}")
+    fixed, _ = _train(Run.build(fixed_recipe), batches, "fixed", False, console)
+    return ScenarioResult(
+        scenario, steps, naive, fixed, report, locate_seconds, time.perf_counter() - start
+    )
+
+
+def summary_table(results: Sequence[ScenarioResult], wall_seconds: float) -> Table:
+    """The rich summary table printed at the end of the demo."""
+    table = Table(title=f"stablejax demo: {len(results)} scenario(s) in {wall_seconds:.1f} s")
+    for col, justify in (
+        ("scenario", "left"), ("naive NaN/Inf", "right"), ("locate: op, phase, module", "left"),
+        ("category", "left"), ("fix", "left"), ("fixed loss", "right"), ("skips", "right"),
+        ("s", "right"),
+    ):
+        table.add_column(col, justify=justify, overflow="fold")
+    for r in results:
+        rep = r.report
+        where = "-" if rep is None else ", ".join(
+            x for x in (rep.primitive or rep.input_path, rep.phase, rep.module) if x
+        )
+        cat = "-" if rep is None else rep.category
+        mark = "[green]✓[/green]" if r.category_ok else "[red]✗[/red]"
+        fixed_ok = r.fixed.finished_finite
+        table.add_row(
+            r.scenario.name,
+            "-" if r.naive.nonfinite_step is None else f"step {r.naive.nonfinite_step}",
+            where,
+            f"{mark} {cat}",
+            r.scenario.short_fix,
+            ("[green]" if fixed_ok else "[red]") + _fmt(r.fixed.final_loss),
+            str(len(r.fixed.skipped)),
+            f"{r.seconds:.1f}",
+        )
+    return table
+
+
+def scenario_names(requested: Sequence[str] | None) -> list[str]:
+    """Validates ``--scenario`` values (comma-separated or repeated; ``all``).
+
+    Raises:
+      ValueError: for an unknown name, listing the known ones.
+    """
+    if not requested:
+        return list(SCENARIOS)
+    names: list[str] = []
+    for item in requested:
+        for name in (n.strip() for n in item.split(",")):
+            if name == "all":
+                names.extend(n for n in SCENARIOS if n not in names)
+            elif name in SCENARIOS:
+                if name not in names:
+                    names.append(name)
+            elif name:
+                raise ValueError(
+                    f"unknown scenario {name!r}; choose from: all, {', '.join(SCENARIOS)}"
+                )
+    if not names:
+        raise ValueError(f"no scenario given; choose from: all, {', '.join(SCENARIOS)}")
+    return names
