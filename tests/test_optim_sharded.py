@@ -89,7 +89,7 @@ def test_sharded_leaves_use_the_global_norm(mesh):
     inner = optax.chain(optim.clip_by_global_norm(1.0), optax.sgd(1.0))
     u, info = sharded_update(mesh, inner, g, params)
     info = np.asarray(info)
-    expect_norm = float(optax.global_norm(g))
+    expect_norm = float(optax.tree.norm(g))
     np.testing.assert_allclose(info[:, 1], expect_norm, rtol=1e-6)
     assert (info[:, 0] == 0).all()
     ref = jax.jit(optim.guard(inner).update)(g, optim.guard(inner).init(params), params)[0]

@@ -84,70 +84,87 @@ def _hinted_norm(leaves: Sequence[Any]) -> Array | None:
     return None
 
 
-def global_norm(updates: PyTree, axis_name: str | None = None) -> Array:
-    """Float32 global norm :math:`\\sqrt{\\sum_i \\|g_i\\|^2}`, summed over ``axis_name``."""
+def global_norm(updates: PyTree, axis_name: str | None = None) -> tuple[Array, bool]:
+    """Float32 global norm :math:`\\sqrt{\\sum_i \\|g_i\\|^2}`, summed over ``axis_name``.
+
+    Returns the norm and whether it came from an enclosing guard (see
+    :func:`shared_norm`); the guard refuses every step whose norm is not finite.
+    """
     leaves = jax.tree.leaves(updates)
     hinted = _hinted_norm(leaves)
     if hinted is not None:
-        return hinted
+        return hinted, True
     total = jnp.sum(leaf_sumsq(leaves))
     if axis_name is not None:
         total = lax.psum(total, axis_name)
-    return jnp.sqrt(total)
+    return jnp.sqrt(total), False
 
 
-def clip_to(updates: PyTree, norm: Array, threshold: Array, axis_name: str | None) -> PyTree:
+def clip_to(
+    updates: PyTree,
+    norm: Array,
+    threshold: Array,
+    axis_name: str | None,
+    guarded: bool = False,
+) -> PyTree:
     """Rescales ``updates`` to global norm ``threshold`` when ``norm`` exceeds it.
 
     The finite case is :math:`g \\cdot \\min(1, c/\\|g\\|)`, with the scale 1 when
-    :math:`\\|g\\| \\le c` (so zero gradients with :math:`c = 0` stay 0). A
-    non-finite ``norm`` takes a separate branch that the finite path never pays
-    for:
+    :math:`\\|g\\| \\le c` (so zero gradients with :math:`c = 0` stay 0). For a
+    non-finite ``norm`` a few scalars are computed under ``lax.cond`` (the
+    finite path never pays for them) and the result, chosen per element by
+    ``jnp.where`` in the same fused loop, is:
 
     * overflow (every entry finite, the sum of squares is not): the norm is
       recomputed after dividing by the largest magnitude, then clipped as usual;
-    * some entries are :math:`\\pm\\infty` and none NaN: the result is the limit
-      of clipping as those entries grow, :math:`c\\,\\mathrm{sign}(g_j)/\\sqrt{k}`
-      on the :math:`k` infinite entries and 0 elsewhere, so Inf never becomes NaN;
-    * some entry is NaN: there is no direction to keep, the updates pass through
+    * some entries are :math:`\\pm\\infty` and none NaN: the limit of clipping
+      as those entries grow, :math:`c\\,\\mathrm{sign}(g_j)/\\sqrt{k}` on the
+      :math:`k` infinite entries and 0 elsewhere, so Inf never becomes NaN;
+    * some entry is NaN, or ``threshold`` is Inf: the updates pass through
       unchanged and :func:`stablejax.optim.guard` skips the step.
+
+    With ``guarded=True`` (the norm came from an enclosing guard, which discards
+    the result of any non-finite step) only the finite path is built.
     """
     leaves, treedef = jax.tree.flatten(updates)
+    floats = [x for x in leaves if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    if not floats:
+        return updates
     threshold = jnp.asarray(threshold, jnp.float32)
+    scale = jnp.where(norm > threshold, threshold / jnp.where(norm > 0, norm, 1.0), 1.0)
+    if guarded:
+        return jax.tree.map(lambda x: x * scale.astype(x.dtype), updates)
 
-    def finite_path(leaves):
-        scale = jnp.where(norm > threshold, threshold / jnp.where(norm > 0, norm, 1.0), 1.0)
-        return [x * scale.astype(x.dtype) for x in leaves]
+    red = (lambda v: lax.psum(v, axis_name)) if axis_name else (lambda v: v)
+    redmax = (lambda v: lax.pmax(v, axis_name)) if axis_name else (lambda v: v)
 
-    def nonfinite_path(leaves):
-        floats = [x for x in leaves if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-        red = (lambda v: lax.psum(v, axis_name)) if axis_name else (lambda v: v)
-        redmax = (lambda v: lax.pmax(v, axis_name)) if axis_name else (lambda v: v)
+    def slow_scalars(floats):
         n_nan = red(sum(jnp.sum(jnp.isnan(x)).astype(jnp.float32) for x in floats))
         n_inf = red(sum(jnp.sum(jnp.isinf(x)).astype(jnp.float32) for x in floats))
         big = redmax(jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(jnp.float32) for x in floats])))
+        big = jnp.where(jnp.isfinite(big) & (big > 0), big, 1.0)
         scaled_sq = red(sum(jnp.sum(jnp.square(x.astype(jnp.float32) / big)) for x in floats))
-        norm_over_big = jnp.sqrt(scaled_sq)
+        return jnp.stack([n_nan, n_inf, big, jnp.sqrt(scaled_sq)])
 
-        def one(x):
-            if not jnp.issubdtype(x.dtype, jnp.inexact):
-                return x
-            xf = x.astype(jnp.float32)
-            inf_dir = jnp.where(jnp.isinf(xf), jnp.sign(xf), 0.0) * (
-                threshold / jnp.sqrt(jnp.maximum(n_inf, 1.0))
-            )
-            # ||x|| = big * norm_over_big > threshold whenever we are here.
-            overflow = xf / big * (threshold / norm_over_big)
-            out = jnp.where(n_inf > 0, inf_dir, overflow)
-            keep = (n_nan > 0) | ~jnp.isfinite(threshold)
-            return jnp.where(keep, xf, out).astype(x.dtype)
+    finite = jnp.isfinite(norm)
+    n_nan, n_inf, big, norm_over_big = lax.cond(
+        finite, lambda f: jnp.array([0.0, 0.0, 1.0, 1.0]), slow_scalars, floats
+    )
+    passthrough = (n_nan > 0) | ~jnp.isfinite(threshold)
+    inf_scale = threshold / jnp.sqrt(jnp.maximum(n_inf, 1.0))
+    overflow_scale = jnp.minimum(threshold / norm_over_big, big)
 
-        return [one(x) for x in leaves]
+    def one(x):
+        if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact):
+            return x
+        fast = x * scale.astype(x.dtype)
+        xf = x.astype(jnp.float32)
+        inf_dir = jnp.where(jnp.isinf(xf), jnp.sign(xf), 0.0) * inf_scale
+        slow = jnp.where(n_inf > 0, inf_dir, xf / big * overflow_scale)
+        slow = jnp.where(passthrough, xf, slow).astype(x.dtype)
+        return jnp.where(finite, fast, slow)
 
-    if not any(jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact) for x in leaves):
-        return updates
-    out = lax.cond(jnp.isfinite(norm), finite_path, nonfinite_path, leaves)
-    return jax.tree.unflatten(treedef, out)
+    return jax.tree.unflatten(treedef, [one(x) for x in leaves])
 
 
 def clip_by_global_norm(
@@ -196,8 +213,8 @@ def clip_by_global_norm(
 
     def update_fn(updates, state, params=None):
         del params
-        norm = global_norm(updates, axis_name)
-        return clip_to(updates, norm, max_norm, axis_name), state
+        norm, guarded = global_norm(updates, axis_name)
+        return clip_to(updates, norm, max_norm, axis_name, guarded), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -277,7 +294,7 @@ def adaptive_clip(
 
     def update_fn(updates, state, params=None):
         del params
-        norm = global_norm(updates, axis_name)
+        norm, guarded = global_norm(updates, axis_name)
         std = jnp.maximum(jnp.sqrt(state.var), 0.01 * state.mean)
         z = (norm - state.mean) / jnp.where(std > 0, std, 1.0)
         warm = state.count >= warmup_steps
@@ -287,7 +304,7 @@ def adaptive_clip(
         # A non-finite norm has no z-score; clip it at the plain z_threshold bound.
         bound = jnp.where(warm, state.mean + z_threshold * std, jnp.inf)
         threshold = jnp.where(jnp.isfinite(norm), threshold, bound)
-        out = clip_to(updates, norm, threshold, axis_name)
+        out = clip_to(updates, norm, threshold, axis_name, guarded)
         finite = jnp.isfinite(norm)
         clipped = jnp.where(over, threshold, norm)
         count = state.count + 1

@@ -67,15 +67,6 @@ class GuardState(NamedTuple):
     inner_state: Any
 
 
-def _zeros_like_struct(s: jax.ShapeDtypeStruct) -> Array:
-    z = jnp.zeros(s.shape, s.dtype)
-    # Inside shard_map the branches of a cond must agree on which axes vary.
-    varying = getattr(getattr(s, "manual_axis_type", None), "varying", None)
-    if varying:
-        z = lax.pcast(z, tuple(sorted(varying)), to="varying")
-    return z
-
-
 def guard(
     inner: optax.GradientTransformation,
     *,
@@ -99,7 +90,7 @@ def guard(
 
         \\frac{n - \\mu}{\\max(\\sigma,\\; 0.1\\,\\mu)} > \\text{spike\\_threshold}.
 
-    A refused step returns exact zeros (chosen by ``lax.cond``, never by
+    A refused step returns exact zeros (chosen by ``jnp.where``, never by
     multiplying by 0, since :math:`0\\cdot\\mathrm{NaN} = \\mathrm{NaN}`), leaves
     the inner state bitwise unchanged and does not touch :math:`\\mu, \\sigma^2`.
     The statistics are an exponential moving average over accepted steps with
@@ -206,9 +197,11 @@ def guard(
         sumsq = clipping.leaf_sumsq(leaves)
         if axis_name is not None:
             sumsq = lax.psum(sumsq, axis_name)
-        total = jnp.sum(sumsq)
-        norm = jnp.sqrt(total)
-        grads_finite = jnp.isfinite(total)
+        norm = jnp.sqrt(jnp.sum(sumsq))
+        # Derive every flag from the norm, not the raw sum: XLA treats sqrt as
+        # expensive and materialises it once, where it would otherwise copy the
+        # whole chain of per-leaf additions into every elementwise loop.
+        grads_finite = jnp.isfinite(norm)
         loss = extra_args.get("loss")
         loss_finite = jnp.asarray(True)
         if loss is not None:
@@ -231,29 +224,22 @@ def guard(
             give_up = skip & ~state.halted & (consecutive >= max_consecutive_skips)
         reset = give_up if on_give_up == "reset" else jnp.asarray(False)
 
-        def accept(operands):
-            upd, inner_state = operands
-            inner_leaves = jax.tree.leaves(upd)
-            with clipping.shared_norm(inner_leaves, norm):
-                new_upd, new_inner = inner.update(upd, inner_state, params, **extra_args)
-            if lr_backoff is not None:
-                new_upd = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), new_upd)
-            return new_upd, new_inner
-
-        out_shapes = jax.eval_shape(accept, (updates, state.inner_state))[0]
-
-        def refuse(operands):
-            _, inner_state = operands
-            zeros = jax.tree.map(_zeros_like_struct, out_shapes)
-            if on_give_up != "reset" or max_consecutive_skips is None:
-                return zeros, inner_state
+        # The inner update is computed every step and the result chosen with
+        # jnp.where: the selects fuse into the optimizer's own elementwise loops,
+        # where a lax.cond would materialise the update and break that fusion.
+        # A refused step's NaN arithmetic is discarded, never multiplied by 0.
+        with clipping.shared_norm(leaves, norm):
+            new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+        if lr_backoff is not None:
+            new_updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), new_updates)
+        new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
+        new_inner = jax.tree.map(lambda n, o: jnp.where(skip, o, n), new_inner, state.inner_state)
+        if on_give_up == "reset" and max_consecutive_skips is not None:
             template = params if params is not None else updates
-            fresh = jax.tree.map(
-                lambda new, old: jnp.asarray(new, old.dtype), inner.init(template), inner_state
+            fresh = inner.init(template)
+            new_inner = jax.tree.map(
+                lambda f, o: jnp.where(reset, jnp.asarray(f, o.dtype), o), fresh, new_inner
             )
-            return zeros, lax.cond(reset, lambda: fresh, lambda: inner_state)
-
-        new_updates, new_inner = lax.cond(skip, refuse, accept, (updates, state.inner_state))
 
         # Running statistics over accepted steps only; a refused step leaves them bitwise as is.
         count = state.norm_count + 1
