@@ -23,46 +23,49 @@ def plot_scenario(result: ScenarioResult, path: str | os.PathLike[str]) -> None:
     """Saves the scenario's figure as a PNG at ``path``.
 
     Two panels (loss, gradient norm; log scale): the naive run up to its first
-    non-finite step, marked with a red cross and a dashed line, and the fixed
-    run, with the steps its guard skipped marked by orange triangles.
+    non-finite step, marked with a red cross, its value and a dashed line, and
+    the fixed run, with the steps its guard skipped marked by orange triangles.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2)
     naive, fixed = result.naive, result.fixed
     bad = naive.nonfinite_step
     for ax, key, label in zip(axes, ("losses", "grad_norms"), ("loss", "gradient norm")):
         n_vals, f_vals = _finite(getattr(naive, key)), _finite(getattr(fixed, key))
-        ax.plot(np.arange(len(f_vals)), f_vals, color="tab:green", lw=1.4, label="fixed")
-        ax.plot(np.arange(len(n_vals)), n_vals, color="tab:red", lw=1.4, label="naive")
-        positive = np.concatenate([n_vals, f_vals])
-        positive = positive[np.isfinite(positive) & (positive > 0)]
-        if positive.size:
+        # The naive run is drawn wide underneath: until its fault it matches the fixed run.
+        ax.plot(np.arange(len(n_vals)), n_vals, color="tab:red", lw=3, alpha=0.5, label="naive")
+        ax.plot(np.arange(len(f_vals)), f_vals, color="tab:green", lw=1.2, label="fixed")
+        both = np.concatenate([n_vals, f_vals])
+        if (both[np.isfinite(both)] > 0).any():
             ax.set_yscale("log")
-            top = float(positive.max())
-        else:
-            top = 1.0
+        edge = ax.get_xaxis_transform()  # x in data, y in axes fraction
         if bad is not None:
             raw = getattr(naive, key)[bad]
             ax.axvline(bad, color="tab:red", ls="--", lw=1)
             ax.plot(
-                [bad], [top], "x", color="tab:red", ms=10, mew=2,
-                label=f"naive non-finite ({_word(raw)}) at step {bad}",
+                [bad], [0.96], "X", color="tab:red", ms=10, transform=edge, clip_on=False,
+                label=f"naive non-finite at step {bad}",
+            )
+            ax.annotate(
+                _word(raw), (bad, 0.96), xytext=(6, -4), textcoords="offset points",
+                xycoords=edge, color="tab:red", fontsize=8,
             )
         if fixed.skipped:
             ax.plot(
-                fixed.skipped, [top] * len(fixed.skipped), "v", color="tab:orange", ms=8,
-                label=f"skipped by the guard ({len(fixed.skipped)})",
+                fixed.skipped, [0.03] * len(fixed.skipped), "^", color="tab:orange", ms=9,
+                transform=edge, clip_on=False, label="step skipped by the guard",
             )
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.set_xlim(0, max(len(f_vals), len(n_vals), 1))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-    fig.suptitle(f"{result.scenario.title}: fix = {result.scenario.fix}", fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9)
+    fig.suptitle(f"{result.scenario.title}\nfix: {result.scenario.fix}", fontsize=10)
     fig.savefig(path, dpi=100)
 
 

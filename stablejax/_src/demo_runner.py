@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Sequence
 
+import jax
 from rich.console import Console
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -147,10 +148,16 @@ def run_scenario(scenario: Scenario, steps: int, console: Console) -> ScenarioRe
         step = naive.nonfinite_step
         console.print(
             f"naive run went non-finite at step {step} (loss {_fmt(naive.losses[step])}, "
-            f"grad norm {_fmt(naive.grad_norms[step])}); calling locate on that step:"
+            f"grad norm {_fmt(naive.grad_norms[step])}); "
+            "locate(jax.value_and_grad(loss_fn))(params, batch) on that step:"
         )
         t = time.perf_counter()
-        report = locate(naive_run.train_step, history=naive.history()[:step])(*culprit)
+        # locate on the loss and its gradient at the step's parameters and batch:
+        # every cause here is born there (the optimizer update would add only
+        # op-by-op evaluation time).
+        params, _, batch = culprit
+        grads_fn = jax.value_and_grad(naive_run.loss_fn)
+        report = locate(grads_fn, history=naive.history()[:step])(params, batch)
         locate_seconds = time.perf_counter() - t
         if report is None:
             console.print("[yellow]locate found no NaN/Inf re-evaluating the step[/yellow]")

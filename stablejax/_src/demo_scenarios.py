@@ -47,7 +47,9 @@ class Scenario:
 
 
 def _init(model, batch: Batch, key: str) -> dict:
-    return model.init(jax.random.key(0), jnp.asarray(batch[key][:2]))["params"]
+    # Jitted: one compilation instead of one per op of an eager init.
+    init = jax.jit(lambda x: model.init(jax.random.key(0), x)["params"])
+    return init(jnp.asarray(batch[key][:2]))
 
 
 def _xent(model) -> Callable[[dict, Batch], jax.Array]:
@@ -170,7 +172,7 @@ def _nan_batch(steps: int) -> tuple[list[Batch], Recipe, Recipe]:
 def _fp16_overflow(steps: int) -> tuple[list[Batch], Recipe, Recipe]:
     batches = _regression(steps, seed=6)
     loud = steps // 2
-    for i in range(loud, steps, 9):
+    for i in range(loud, steps - steps // 10, 9):
         batches[i]["x"] = batches[i]["x"] * np.float32(400.0)  # a loud (unnormalised) batch
     naive_model, fixed_model = models.EnergyNet(jnp.float16), models.EnergyNet(jnp.float32)
     params = _init(fixed_model, batches[0], "x")

@@ -59,7 +59,7 @@ def make_train_step(loss_fn: Callable[[PyTree, Batch], Array], tx: Any) -> Train
         loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params, loss=loss)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, loss, optax.global_norm(grads)
+        return params, opt_state, loss, optax.tree.norm(grads)
 
     return train_step
 
@@ -152,8 +152,9 @@ class RunLog:
 
 @dataclasses.dataclass
 class Run:
-    """A recipe compiled once: its plain step, its jitted step and its initial state."""
+    """A recipe compiled once: its loss, plain step, jitted step and initial state."""
 
+    loss_fn: Callable[[PyTree, Batch], Array]
     train_step: TrainStep
     jitted: Callable[..., Any]
     params: PyTree
@@ -164,8 +165,8 @@ class Run:
         """Builds the train step of ``recipe`` and initialises the optimizer."""
         train_step = make_train_step(recipe.loss_fn, recipe.tx)
         opt_state = recipe.tx.init(recipe.params)
-        return cls(train_step, _jit_with_flags(train_step, _has_guard(opt_state)),
-                   recipe.params, opt_state)
+        jitted = _jit_with_flags(train_step, _has_guard(opt_state))
+        return cls(recipe.loss_fn, train_step, jitted, recipe.params, opt_state)
 
     def train(
         self,
