@@ -202,7 +202,7 @@ class Walker:
         self.reached = sorted({t for t in taints if t is not None and t >= 0})
         return outs
 
-    def new_input_origin(self, leaf: int, value: Any) -> int:
+    def new_input_origin(self, leaf: int | None, value: Any) -> int:
         """Registers an argument that came in non-finite; returns its taint."""
         origin = Origin(
             index=len(self.origins),
@@ -231,7 +231,11 @@ class Walker:
         for v, val in zip(jaxpr.constvars, consts):
             env[v] = val
             kind = nonfinite_kind(val) if _is_float(v.aval) else None
-            taint[v] = INTENTIONAL if kind else None
+            # A captured constant holding NaN is bad data (e.g. closed-over
+            # params); one holding only +-inf is a mask written on purpose.
+            taint[v] = self.new_input_origin(None, val) if kind == "nan" else (
+                INTENTIONAL if kind else None
+            )
             grad[v] = False
         for v, val, t, g in zip(jaxpr.invars, args, arg_taints, arg_grad):
             env[v] = val

@@ -228,9 +228,12 @@ def _report(
     reaches: bool,
 ) -> Report:
     input_path = rows = int_info = None
-    if origin.primitive is None:
+    if origin.primitive is None and origin.index in origin_leaf:
         leaf_index = origin_leaf[origin.index]
         input_path, rows = paths[leaf_index], _bad_rows(leaves[leaf_index])
+    elif origin.primitive is None:
+        s = origin.inputs[0]
+        input_path = f"<array captured by the function, {s.dtype}{list(s.shape)}>"
     else:
         found = _int_input(origin, leaves, dyn, paths)
         if found is not None:
