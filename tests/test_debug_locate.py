@@ -442,3 +442,72 @@ def test_vmap(jit):
     r = locate(maybe_jit(jax.vmap(per_example), jit))(jnp.array([[1.0, 2.0], [3.0, -1.0]]))
     check(r, primitive="log", phase="forward", module=None, tag="vmap",
           category="forward_singularity", kind="nan")
+
+
+# ---------------------------------------------------------------- more user-report shapes
+
+
+def masked_attention(scores, mask):
+    s = jnp.where(mask, scores, -jnp.inf)
+    return jax.nn.softmax(s, axis=-1).sum()  # L:softmax
+
+
+def biased_attention(scores, bias):
+    return jax.nn.softmax(scores + bias, axis=-1).sum()  # L:bias
+
+
+def power_feature(x):
+    return jnp.sum(x**1.5)  # L:pow
+
+
+def masked_mean_loss(pred, y, mask):
+    err = jnp.sum(jnp.where(mask, (pred - y) ** 2, 0.0))
+    return err / jnp.sum(mask)  # L:emptymask
+
+
+def manual_layernorm(x):
+    var = jnp.mean(x**2, -1, keepdims=True) - jnp.mean(x, -1, keepdims=True) ** 2
+    return (x - x.mean(-1, keepdims=True)) * jax.lax.rsqrt(var)  # L:rsqrt
+
+
+def int_labels_loss(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_user_report_shapes(jit):
+    mask = jnp.array([[True, False], [False, False]])
+    r = locate(maybe_jit(masked_attention, jit))(jnp.ones((2, 2)), mask)
+    check(r, primitive="sub", phase="forward", module=None, tag="softmax",
+          category="forward_singularity", kind="nan")
+    assert "finfo" in r.suggestion
+    bias = jnp.array([[0.0, -jnp.inf], [-jnp.inf, -jnp.inf]])  # a -inf mask passed in
+    r = locate(maybe_jit(biased_attention, jit))(jnp.ones((2, 2)), bias)
+    check(r, primitive="sub", phase="forward", module=None, tag="bias",
+          category="forward_singularity", kind="nan")
+    r = locate(maybe_jit(power_feature, jit))(jnp.array([-1.0, 2.0]))
+    check(r, primitive="pow", phase="forward", module=None, tag="pow",
+          category="forward_singularity", kind="nan")
+    assert "jnp.abs" in r.suggestion
+    r = locate(maybe_jit(masked_mean_loss, jit))(jnp.ones(3), jnp.ones(3), jnp.zeros(3, bool))
+    check(r, primitive="div", phase="forward", module=None, tag="emptymask",
+          category="loss_nan", kind="nan")
+    r = locate(maybe_jit(manual_layernorm, jit))(jnp.full((2, 4), 3.0))  # var is exactly 0
+    check(r, primitive="rsqrt", phase="forward", module=None, tag="rsqrt",
+          category="forward_singularity", kind="inf")
+    assert "LayerNorm" in r.suggestion
+    r = locate(maybe_jit(int_labels_loss, jit))(jnp.zeros((3, 5)), jnp.array([1, 7, 2]))
+    assert (r.primitive, r.category, r.input_path, r.rows) == (
+        "gather", "bad_input", "labels", [1]
+    ), str(r)
+
+
+def test_captured_nan_params_and_huge_values():
+    w = jnp.array([1.0, jnp.nan])
+    r = locate(lambda x: jnp.sum(w * x))(jnp.ones(2))
+    assert (r.primitive, r.category) == (None, "bad_input"), str(r)
+    assert "captured" in r.input_path
+    r = locate(deep_product)(jnp.full(3, 1e20), jnp.ones(3))
+    check(r, primitive="mul", phase="forward", module=None, tag="explode",
+          category="grad_explosion", kind="inf")
+    assert "clip_by_global_norm(1.0)" in r.suggestion

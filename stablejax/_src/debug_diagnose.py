@@ -176,7 +176,9 @@ def _singularity(origin: Origin) -> str | None:
         return None
     if p in ("acos", "asin", "atanh") and ins:
         return f"{p} outside [-1, 1] (range {ins[0].min:.3g}..{ins[0].max:.3g})"
-    if p in ("pow",) and ins and ins[0].zeros:
+    if p == "pow" and len(ins) == 2 and ins[0].negatives:
+        return f"pow of a negative base (min {ins[0].min:.3g}) with a non-integer exponent"
+    if p == "pow" and ins and ins[0].zeros:
         return "pow at base 0 with a negative exponent"
     if p == "integer_pow" and ins and ins[0].zeros and origin.params.get("y", 1) < 0:
         return "negative integer power of 0"
@@ -196,7 +198,6 @@ def _frame_functions(origin: Origin) -> list[str]:
 
 def _layer_fix(origin: Origin, line_text: str) -> str | None:
     """The stablejax op or layer that replaces the construct at the culprit line."""
-    funcs = " ".join(_frame_functions(origin))
     text = line_text.replace(" ", "")
     op = origin.forward_op or origin.primitive
     if "where(" in text and op in ("sqrt", "log", "div", "rsqrt", "pow", "log1p"):
@@ -205,22 +206,26 @@ def _layer_fix(origin: Origin, line_text: str) -> str | None:
             "Make its input safe first, `x_safe = jnp.where(mask, x, 1.0)`, then "
             f"`jnp.where(mask, jnp.{op}(x_safe), 0.0)`, or use stablejax.safe_{op}"
         )
-    if "std(" in text or "_std" in funcs:
+    funcs_set = set(_frame_functions(origin))
+    if "std(" in text or "_std" in funcs_set:
         return (
             "stablejax.safe_std(h, axis=...) or the layer stablejax.nn.StdPool "
             "(NNX: stablejax.nnx.StdPool)"
         )
-    if "var(" in text or "_var" in funcs:
+    if "var(" in text or "_var" in funcs_set:
         return "stablejax.safe_var(h, axis=...)"
+    if op == "rsqrt" or "rsqrt" in text or "layernorm" in text.lower().replace("_", ""):
+        return (
+            "stablejax.nn.LayerNorm / stablejax.nn.RMSNorm (NNX: stablejax.nnx.*), or "
+            "stablejax.safe_rsqrt on a variance clamped at 0"
+        )
     if "normalize" in text or ("norm(" in text and (op == "div" or "/" in text)):
         return (
             "stablejax.safe_normalize(x, axis=-1) (layer: stablejax.nn.L2Normalize / "
             "stablejax.nnx.L2Normalize)"
         )
-    if "norm(" in text or "norm" in funcs:
+    if "norm(" in text or "norm" in funcs_set:
         return "stablejax.safe_norm(x, axis=-1)"
-    if "layer_norm" in text.lower() or "rsqrt" in text:
-        return "stablejax.nn.LayerNorm / stablejax.nn.RMSNorm (or stablejax.safe_rsqrt)"
     return None
 
 
@@ -303,6 +308,16 @@ def diagnose(
             "subtract the max before exponentiating: jax.nn.softmax / jax.nn.log_softmax / "
             "jax.nn.logsumexp instead of a hand-written exp",
         )
+    if any(i.nonfinite for i in origin.inputs):
+        why = (
+            f"{origin.primitive} turned infinities written in the program (e.g. a -inf mask) "
+            "into NaN: inf - inf or 0 * inf, as in a softmax over a fully masked row"
+        )
+        fix = (
+            "mask with a large finite value (jnp.finfo(x.dtype).min) instead of -inf, or pass "
+            "where=mask to jax.nn.softmax and zero the fully masked rows"
+        )
+        return Diagnosis("loss_nan" if loss else "forward_singularity", why, fix)
     why = f"{origin.primitive} produced {origin.kind} from finite inputs"
     if loss:
         return Diagnosis("loss_nan", why, _loss_fix(op, line_text, fix))
@@ -332,6 +347,8 @@ def _op_fix(op: str | None, origin: Origin) -> str:
         return "stablejax.safe_div(a, b) (or stablejax.safe_normalize when b is a norm)"
     if op in ("acos", "asin", "atanh"):
         return "clip the argument to [-1 + 1e-6, 1 - 1e-6] (jnp.clip) before the call"
+    if op == "pow" and origin.inputs and origin.inputs[0].negatives:
+        return "take the power of jnp.abs(x) (or clamp x at 0), e.g. stablejax.safe_sqrt for ** 0.5"
     if op in ("pow", "integer_pow"):
         return "keep the base away from 0 (jnp.where(x == 0, 1.0, x)) before a negative power"
     return f"guard the operands of {op} (see the operand ranges below)"

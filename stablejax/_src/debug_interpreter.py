@@ -233,8 +233,10 @@ class Walker:
             kind = nonfinite_kind(val) if _is_float(v.aval) else None
             # A captured constant holding NaN is bad data (e.g. closed-over
             # params); one holding only +-inf is a mask written on purpose.
-            taint[v] = self.new_input_origin(None, val) if kind == "nan" else (
-                INTENTIONAL if kind else None
+            taint[v] = (
+                self.new_input_origin(None, val)
+                if kind == "nan"
+                else (INTENTIONAL if kind else None)
             )
             grad[v] = False
         for v, val, t, g in zip(jaxpr.invars, args, arg_taints, arg_grad):

@@ -13,7 +13,7 @@ import numpy as np
 
 from stablejax._src import debug_nnx
 from stablejax._src.debug_diagnose import History, diagnose, parse_history
-from stablejax._src.debug_interpreter import Origin, Walker, nonfinite_kind
+from stablejax._src.debug_interpreter import INTENTIONAL, Origin, Walker, nonfinite_kind
 from stablejax._src.debug_report import Report
 from stablejax._src.debug_source import Frame, is_user_file, module_path
 
@@ -178,6 +178,9 @@ def _locate(
         leaf = leaves[i]
         dtype = getattr(leaf, "dtype", None)
         if dtype is not None and np.issubdtype(dtype, np.inexact) and nonfinite_kind(leaf):
+            if _only_neg_inf(leaf):  # an attention-style mask passed in: intentional
+                taints.append(INTENTIONAL)
+                continue
             t = walker.new_input_origin(j, leaf)
             origin_leaf[t] = i
             taints.append(t)
@@ -189,6 +192,13 @@ def _locate(
     reaches = bool(walker.reached)
     origin = walker.origins[walker.reached[0]] if reaches else walker.origins[0]
     return _report(origin, walker, leaves, dyn, paths, origin_leaf, hist, reaches)
+
+
+def _only_neg_inf(x: Any) -> bool:
+    arr = np.asarray(x)
+    arr = arr.astype(np.float32) if arr.dtype.kind == "V" or arr.dtype.itemsize < 4 else arr
+    bad = arr[~np.isfinite(arr)]
+    return bool(bad.size) and bool(np.all(np.isneginf(bad)))
 
 
 def _int_input(
