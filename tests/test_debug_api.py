@@ -165,3 +165,13 @@ def test_watch_loop_notices_guard_skip():
     assert run.bad_steps == [1]
     assert run.report is not None and run.report.primitive == "div"
     assert run.report.phase == "backward"
+
+
+def test_nan_trap_eager_op_keeps_the_user_line():
+    with pytest.raises(NonFiniteError) as info:
+        with nan_trap():
+            jnp.log(jnp.array([-1.0]))  # L:eager
+    r = info.value.report
+    lineno = next(i + 1 for i, t in enumerate(open(__file__).read().splitlines())
+                  if t.rstrip().endswith("# L:eager"))
+    assert r.primitive == "log" and r.source.endswith(f"test_debug_api.py:{lineno}"), str(r)

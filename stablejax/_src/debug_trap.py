@@ -130,7 +130,12 @@ def nan_trap(*, history: Sequence[Any] | None = None) -> Iterator[None]:
                 report = locate(getattr(fn, "__wrapped__", fn), history=history)(*args, **kwargs)
             except Exception:  # the trap must surface jax's error, not ours
                 report = None
-        raise NonFiniteError(report or _fallback_report(err), str(err)) from err
+        fallback = _fallback_report(err)
+        if report is not None and report.source is None:
+            # An eager primitive failed: its jit wraps only the primitive, so the
+            # user's line is on the exception's traceback instead.
+            report.source, report.frames = fallback.source, report.frames or []
+        raise NonFiniteError(report or fallback, str(err)) from err
     finally:
         jax.config.update("jax_debug_nans", nans)
         jax.config.update("jax_debug_infs", infs)
