@@ -148,7 +148,15 @@ def _locate(
     dyn = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, float) and not np.isfinite(leaf):
-            raise ValueError(f"locate: the Python float argument {paths[i]} is {leaf}.")
+            return Report(
+                primitive=None,
+                kind="nan" if np.isnan(leaf) else "inf",
+                phase="forward",
+                category="bad_input",
+                why=f"the Python float argument {paths[i]} is {leaf}",
+                suggestion=f"pass a finite value for {paths[i]} (check the config or schedule)",
+                input_path=paths[i],
+            )
 
     def flat_fn(*dyn_vals: Any) -> Any:
         full = list(leaves)
