@@ -511,3 +511,14 @@ def test_captured_nan_params_and_huge_values():
     check(r, primitive="mul", phase="forward", module=None, tag="explode",
           category="grad_explosion", kind="inf")
     assert "clip_by_global_norm(1.0)" in r.suggestion
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_forward_nan_under_grad_stays_forward(jit):
+    # The primal sqrt runs in the forward sweep of the gradient: phase 'forward',
+    # although only its derivative coefficient and the backward read it after.
+    r = locate(maybe_jit(jax.grad(lambda x: jnp.sum(sqrt_features(x))), jit))(
+        jnp.array([0.5, 2.0])
+    )
+    check(r, primitive="sqrt", phase="forward", module=None, tag="sqrtneg",
+          category="forward_singularity", kind="nan")

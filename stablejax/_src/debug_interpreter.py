@@ -293,6 +293,8 @@ class Walker:
 
     @staticmethod
     def _phase(label: str, in_grad: bool, frames: tuple[Frame, ...]) -> str:
+        if label == debug_phase.FEEDS_BACKWARD:
+            return "backward" if in_grad else "forward"
         if label != debug_phase.FORWARD:
             return "backward"
         if in_grad or any(is_optimizer_file(f.file) for f in frames[:12]):
@@ -304,7 +306,7 @@ class Walker:
         params = eqn.params
         if name in _SKIPPED:
             return [], []
-        if label == debug_phase.FORWARD and phase == "forward":
+        if label in (debug_phase.FORWARD, debug_phase.FEEDS_BACKWARD) and phase == "forward":
             self._remember_forward_op(eqn, site)
         if name in _CALL_PARAMS and _CALL_PARAMS[name] in params:
             jaxpr, consts = _sub_jaxpr(params[_CALL_PARAMS[name]])

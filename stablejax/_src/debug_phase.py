@@ -28,6 +28,7 @@ from stablejax._src.debug_source import has_transform
 FORWARD = "forward"
 DERIVATIVE = "derivative"
 BACKWARD = "backward"
+FEEDS_BACKWARD = "forward-feeds-backward"
 
 
 def _is_var(v: Any) -> bool:
@@ -52,6 +53,9 @@ def label_equations(
     n = len(jaxpr.eqns)
     if backward:
         return [BACKWARD] * n, [tuple(False for _ in e.outvars) for e in jaxpr.eqns]
+    # Values read by transposed equations, directly or through untransposed
+    # glue (cotangent sums jax may emit outside the transpose name stack).
+    bwd_used: set[Any] = set()
     used: set[Any] = set()
     for eqn in jaxpr.eqns:
         used.update(v for v in eqn.invars if _is_var(v))
@@ -59,13 +63,18 @@ def label_equations(
     fwd_used: set[Any] = {v for v, f in zip(jaxpr.outvars, out_forward) if f and _is_var(v)}
     labels: list[str] = [FORWARD] * n
     flags: list[tuple[bool, ...]] = [()] * n
+    labels_feed: set[int] = set()
     for i in range(n - 1, -1, -1):
         eqn = jaxpr.eqns[i]
+        outs = [v for v in eqn.outvars if _is_var(v)]
         if has_transform(eqn.source_info.name_stack, "transpose"):
             labels[i] = BACKWARD
             flags[i] = tuple(False for _ in eqn.outvars)
+            bwd_used.update(v for v in eqn.invars if _is_var(v))
             continue
-        outs = [v for v in eqn.outvars if _is_var(v)]
+        if any(v in bwd_used for v in outs):
+            labels_feed.add(i)
+            bwd_used.update(v for v in eqn.invars if _is_var(v))
         live = [v for v in outs if v in used]
         if any(v in fwd_used for v in outs) or not live:
             labels[i] = FORWARD
@@ -77,4 +86,10 @@ def label_equations(
         else:
             labels[i] = DERIVATIVE
             flags[i] = tuple(False for _ in eqn.outvars)
+    # A forward-labelled equation that feeds the transposed equations is glue
+    # of the backward pass when it also reads backward values (the walker
+    # knows that part): mark it so.
+    for i in labels_feed:
+        if labels[i] == FORWARD:
+            labels[i] = FEEDS_BACKWARD
     return labels, flags
