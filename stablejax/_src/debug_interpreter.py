@@ -411,8 +411,6 @@ class Walker:
             in_taints[nc : nc + ncarry],
             in_taints[nc + ncarry :],
         )
-        if consts0:
-            return self._leaf(eqn, invals, in_taints, site, "forward")
         body_flags = tuple(True for _ in range(ncarry)) + tuple(out_flags[ncarry:])
         ys_vals: list[list[Any]] = [[None] * length for _ in range(len(jaxpr.outvars) - ncarry)]
         ys_taints: list[int | None] = [None] * (len(jaxpr.outvars) - ncarry)
@@ -423,7 +421,7 @@ class Walker:
             it_site = dataclasses.replace(site, iterations=site.iterations + (i,))
             outs, taints, _ = self._eval(
                 jaxpr,
-                (),
+                consts0,
                 [*consts, *carry, *x_i],
                 [*c_t, *carry_t, *x_t],
                 [in_grad] * len(jaxpr.invars),
@@ -448,8 +446,6 @@ class Walker:
         cn, bn = p["cond_nconsts"], p["body_nconsts"]
         cj, cconsts = _sub_jaxpr(p["cond_jaxpr"])
         bj, bconsts = _sub_jaxpr(p["body_jaxpr"])
-        if cconsts or bconsts:
-            return self._leaf(eqn, invals, in_taints, site, "forward")
         c_args, b_args, carry = invals[:cn], invals[cn : cn + bn], invals[cn + bn :]
         c_t, b_t, carry_t = in_taints[:cn], in_taints[cn : cn + bn], in_taints[cn + bn :]
         flags = tuple(True for _ in carry)
@@ -458,7 +454,7 @@ class Walker:
             it_site = dataclasses.replace(site, iterations=site.iterations + (i,))
             pred, _, _ = self._eval(
                 cj,
-                (),
+                cconsts,
                 [*c_args, *carry],
                 [*c_t, *carry_t],
                 [in_grad] * len(cj.invars),
@@ -469,7 +465,7 @@ class Walker:
                 break
             carry, carry_t, _ = self._eval(
                 bj,
-                (),
+                bconsts,
                 [*b_args, *carry],
                 [*b_t, *carry_t],
                 [in_grad] * len(bj.invars),
