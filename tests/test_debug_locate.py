@@ -431,6 +431,7 @@ def test_update_phase(jit):
     r = locate(maybe_jit(step, jit))(params, x, opt_state)
     check(r, primitive="div", phase="update", module=None, tag="update",
           category="forward_singularity", kind="nan")
+    assert "eps" in r.suggestion and "stablejax.optim" in r.suggestion
 
 
 def per_example(x):

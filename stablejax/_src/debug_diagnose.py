@@ -287,6 +287,14 @@ def diagnose(
             why = f"{origin.primitive} at the edge of its domain: {sing}"
         if loss:
             return Diagnosis("loss_nan", why, _loss_fix(op, line_text, fix))
+        if origin.phase == "update":
+            return Diagnosis(
+                "forward_singularity",
+                f"the optimizer update hit {sing}",
+                "give the optimizer a positive eps (e.g. optax.adam(lr, eps=1e-8)) and check its "
+                "schedule; stablejax.optim.stable_adamw, or stablejax.optim.guard around the "
+                "optimizer, keeps such a step from reaching the parameters",
+            )
         category = "derivative_singularity" if backward else "forward_singularity"
         return Diagnosis(category, why, fix or _op_fix(op, origin))
     if (
