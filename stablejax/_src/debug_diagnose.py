@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from stablejax._src.debug_interpreter import Origin
+from stablejax._src.debug_values import Origin
 
 _LOSS_NAME = re.compile(
     r"loss|mae|mse|rmse|cross_?entropy|xent|nll|criterion|objective|likelihood|huber",

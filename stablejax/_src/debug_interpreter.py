@@ -30,11 +30,19 @@ from jax.extend import core as jcore
 from stablejax._src import debug_phase
 from stablejax._src.debug_source import (
     Frame,
-    has_transform,
     is_optimizer_file,
     is_user_file,
     scopes,
     traceback_frames,
+)
+from stablejax._src.debug_values import (
+    LOW_PRECISION,
+    Origin,
+    finite_in_float32,
+    gather_bounds,
+    is_float,
+    nonfinite_kind,
+    operand_stats,
 )
 
 INTENTIONAL = -1  # taint of a non-finite literal written in the program
@@ -50,47 +58,7 @@ _CALL_PARAMS = {
     "custom_vjp_call": "call_jaxpr",
     "custom_vjp_call_jaxpr": "fun_jaxpr",
 }
-_LOW = ("float16", "bfloat16")
 _SKIPPED = frozenset({"debug_callback", "debug_print"})
-
-
-@dataclasses.dataclass(frozen=True)
-class OperandStats:
-    """Summary of one operand of the culprit equation."""
-
-    shape: tuple[int, ...]
-    dtype: str
-    min: float | None
-    max: float | None
-    zeros: int
-    negatives: int
-    nonfinite: int
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of the fields."""
-        return dataclasses.asdict(self) | {"shape": list(self.shape)}
-
-
-@dataclasses.dataclass
-class Origin:
-    """Where non-finite values were born; the raw material of a ``Report``."""
-
-    index: int
-    primitive: str | None
-    kind: str
-    phase: str
-    frames: tuple[Frame, ...] = ()
-    scopes: tuple[str, ...] = ()
-    name_stack: str = ""
-    iterations: tuple[int, ...] = ()
-    inputs: tuple[OperandStats, ...] = ()
-    outputs: tuple[OperandStats, ...] = ()
-    params: dict[str, Any] = dataclasses.field(default_factory=dict)
-    leaf: int | None = None  # flat argument index, for values that came in
-    forward_op: str | None = None
-    site: tuple[Any, ...] | None = None
-    masked: bool = False
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,59 +69,6 @@ class _Site:
     frames: tuple[Frame, ...]
     backward: bool
     iterations: tuple[int, ...]
-
-
-def _is_float(aval: Any) -> bool:
-    dtype = getattr(aval, "dtype", None)
-    try:
-        return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
-    except TypeError:
-        return False
-
-
-def _host(x: Any) -> np.ndarray:
-    arr = np.asarray(x)
-    if arr.dtype.kind == "V" or (arr.dtype.kind == "f" and arr.dtype.itemsize < 4):
-        arr = arr.astype(np.float32)  # bfloat16 / float16 / fp8: check in float32
-    return arr
-
-
-def nonfinite_kind(x: Any) -> str | None:
-    """``'nan'``, ``'inf'`` or ``None`` for a concrete float array (NaN wins)."""
-    arr = _host(x)
-    if arr.dtype.kind not in "fc":
-        return None
-    finite = np.isfinite(arr)
-    if finite.all():
-        return None
-    return "nan" if np.isnan(arr).any() else "inf"
-
-
-def operand_stats(x: Any) -> OperandStats:
-    """Shape, dtype, range and counts of one concrete operand."""
-    dtype = str(getattr(x, "dtype", np.asarray(x).dtype))
-    shape = tuple(int(d) for d in np.shape(x))
-    try:
-        arr = _host(x)
-    except Exception:  # extended dtypes (PRNG keys), tokens
-        return OperandStats(shape, dtype, None, None, 0, 0, 0)
-    if arr.dtype.kind not in "biufc" or arr.size == 0:
-        return OperandStats(shape, dtype, None, None, 0, 0, 0)
-    if arr.dtype.kind == "c":
-        arr = np.abs(arr)
-    if arr.dtype.kind == "b":
-        arr = arr.astype(np.int32)
-    finite = np.isfinite(arr) if arr.dtype.kind == "f" else np.ones(arr.shape, bool)
-    vals = arr[finite]
-    return OperandStats(
-        shape=shape,
-        dtype=dtype,
-        min=float(vals.min()) if vals.size else None,
-        max=float(vals.max()) if vals.size else None,
-        zeros=int(np.count_nonzero(arr == 0)),
-        negatives=int(np.count_nonzero(vals < 0)),
-        nonfinite=int(arr.size - np.count_nonzero(finite)),
-    )
 
 
 def _sub_jaxpr(obj: Any) -> tuple[Any, Sequence[Any]]:
@@ -230,7 +145,7 @@ class Walker:
         grad: dict[Any, bool] = {}
         for v, val in zip(jaxpr.constvars, consts):
             env[v] = val
-            kind = nonfinite_kind(val) if _is_float(v.aval) else None
+            kind = nonfinite_kind(val) if is_float(v.aval) else None
             # A captured constant holding NaN is bad data (e.g. closed-over
             # params); one holding only +-inf is a mask written on purpose.
             taint[v] = (
@@ -252,7 +167,7 @@ class Walker:
 
         def read_taint(v):
             if isinstance(v, jcore.Literal):
-                if _is_float(v.aval) and nonfinite_kind(v.val):
+                if is_float(v.aval) and nonfinite_kind(v.val):
                     return INTENTIONAL
                 return None
             return taint.get(v)
@@ -347,9 +262,7 @@ class Walker:
 
     def _leaf(self, eqn, invals, in_taints, site, phase):
         outs = self._bind(eqn, invals, site)
-        kinds = [
-            nonfinite_kind(o) if _is_float(v.aval) else None for v, o in zip(eqn.outvars, outs)
-        ]
+        kinds = [nonfinite_kind(o) if is_float(v.aval) else None for v, o in zip(eqn.outvars, outs)]
         if not any(kinds):
             return outs, [None] * len(outs)
         real = [t for t in in_taints if t is not None and t != INTENTIONAL]
@@ -387,9 +300,9 @@ class Walker:
             site=key,
         )
         if eqn.primitive.name == "gather":
-            origin.extra["gather"] = _gather_bounds(eqn, invals)
-        if any(s.dtype in _LOW for s in origin.inputs + origin.outputs):
-            origin.extra["float32_finite"] = _finite_in_float32(eqn, invals, site)
+            origin.extra["gather"] = gather_bounds(eqn, invals)
+        if any(s.dtype in LOW_PRECISION for s in origin.inputs + origin.outputs):
+            origin.extra["float32_finite"] = finite_in_float32(eqn, invals, site)
         self.origins.append(origin)
         return origin.index
 
@@ -500,48 +413,3 @@ def _site_key(frames: tuple[Frame, ...], traceback: Any) -> tuple[Any, ...]:
         internal.append((f.file, f.line))
     user = next((f for f in (*own, *frames) if is_user_file(f.file)), None)
     return (tuple(internal[-4:]), user)
-
-
-def _finite_in_float32(eqn, invals, site) -> bool | None:
-    """Whether the equation, run with float16/bfloat16 operands upcast to float32, is finite."""
-    if eqn.primitive.name in ("convert_element_type", "reduce_precision"):
-        return nonfinite_kind(invals[0]) is None
-    f32 = np.dtype(np.float32)
-    vals = [
-        jnp.asarray(x).astype(f32) if str(getattr(x, "dtype", "")) in _LOW else x for x in invals
-    ]
-    params = dict(eqn.params)
-    for key in ("preferred_element_type", "new_dtype", "out_dtype"):
-        if key in params and str(params[key]) in _LOW:
-            params[key] = f32
-    try:
-        with source_info_util.user_context(eqn.source_info.traceback, name_stack=site.name_stack):
-            outs = eqn.primitive.bind(*vals, **eqn.primitive.get_bind_params(params))
-    except Exception:  # a rule that insists on its dtypes: no verdict
-        return None
-    outs = outs if eqn.primitive.multiple_results else [outs]
-    return all(nonfinite_kind(o) is None for o in outs)
-
-
-def _gather_bounds(eqn, invals) -> dict[str, Any]:
-    """For a gather that filled NaN: the operand sizes its indices must stay under."""
-    operand, indices = invals[0], np.asarray(invals[1])
-    dnums = eqn.params["dimension_numbers"]
-    sizes = eqn.params["slice_sizes"]
-    limits = [int(operand.shape[d]) - int(sizes[d]) for d in dnums.start_index_map]
-    idx = indices.reshape(-1, indices.shape[-1]) if indices.ndim else indices.reshape(1, 1)
-    bad = np.zeros(idx.shape[0], bool)
-    for k, lim in enumerate(limits[: idx.shape[1]]):
-        bad |= (idx[:, k] < 0) | (idx[:, k] > lim)
-    sizes_out = [int(operand.shape[d]) for d in dnums.start_index_map]
-    return {
-        "mode": str(eqn.params.get("mode")),
-        "sizes": sizes_out,
-        "out_of_range": int(bad.sum()),
-        "max_index": int(idx.max()) if idx.size else None,
-    }
-
-
-def has_backward_stack(name_stack: Any) -> bool:
-    """Whether a name stack is in a transposed (backward) region."""
-    return has_transform(name_stack, "transpose")

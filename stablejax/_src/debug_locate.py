@@ -13,9 +13,10 @@ import numpy as np
 
 from stablejax._src import debug_nnx
 from stablejax._src.debug_diagnose import History, diagnose, parse_history
-from stablejax._src.debug_interpreter import INTENTIONAL, Origin, Walker, nonfinite_kind
+from stablejax._src.debug_interpreter import INTENTIONAL, Walker
 from stablejax._src.debug_report import Report
 from stablejax._src.debug_source import Frame, is_user_file, module_path
+from stablejax._src.debug_values import Origin, nonfinite_kind
 
 # Part of jax's tracing-cache key: tracing under a value of our own makes
 # `jax.jit`/`nnx.jit` functions that already ran re-trace, so NNX module names
