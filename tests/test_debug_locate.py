@@ -523,3 +523,19 @@ def test_forward_nan_under_grad_stays_forward(jit):
     )
     check(r, primitive="sqrt", phase="forward", module=None, tag="sqrtneg",
           category="forward_singularity", kind="nan")
+
+
+def bare_sqrt(x):
+    return jnp.sqrt(x)  # L:bare
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_discarded_primal_output(jit):
+    # grad drops the primal result; the sqrt that made it is still forward.
+    r = locate(maybe_jit(jax.grad(bare_sqrt), jit))(jnp.float32(-1.0))
+    check(r, primitive="sqrt", phase="forward", module=None, tag="bare",
+          category="forward_singularity", kind="nan")
+    r = locate(maybe_jit(jax.vmap(jax.grad(bare_sqrt)), jit))(jnp.array([1.0, 0.0]))
+    check(r, primitive="div", phase="backward", module=None, tag="bare",
+          category="derivative_singularity", kind="inf")
+    assert r.op == "sqrt"

@@ -296,7 +296,7 @@ class Walker:
             inputs=tuple(operand_stats(x) for x in invals),
             outputs=tuple(operand_stats(x) for x in outs),
             params=_printable_params(eqn.params),
-            forward_op=self._forward_ops.get(key) if phase == "backward" else None,
+            forward_op=self._forward_op(key) if phase == "backward" else None,
             site=key,
         )
         if eqn.primitive.name == "gather":
@@ -311,6 +311,12 @@ class Walker:
             return
         key = _site_key(site.frames, eqn.source_info.traceback)
         self._forward_ops.setdefault(key, eqn.primitive.name)
+        # Under vmap the batching rules add their own frames: also remember the
+        # latest forward op per user line, as a fallback.
+        self._forward_ops[("line", key[1])] = eqn.primitive.name
+
+    def _forward_op(self, key: tuple[Any, ...]) -> str | None:
+        return self._forward_ops.get(key) or self._forward_ops.get(("line", key[1]))
 
     # -- control flow -------------------------------------------------------------
 

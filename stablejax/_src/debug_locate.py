@@ -16,7 +16,7 @@ from stablejax._src.debug_diagnose import History, diagnose, parse_history
 from stablejax._src.debug_interpreter import INTENTIONAL, Walker
 from stablejax._src.debug_report import Report
 from stablejax._src.debug_source import Frame, is_user_file, module_path
-from stablejax._src.debug_values import Origin, nonfinite_kind
+from stablejax._src.debug_values import Origin, is_float, nonfinite_kind
 
 # Part of jax's tracing-cache key: tracing under a value of our own makes
 # `jax.jit`/`nnx.jit` functions that already ran re-trace, so NNX module names
@@ -185,8 +185,7 @@ def _locate(
     origin_leaf: dict[int, int] = {}
     for j, i in enumerate(dyn):
         leaf = leaves[i]
-        dtype = getattr(leaf, "dtype", None)
-        if dtype is not None and np.issubdtype(dtype, np.inexact) and nonfinite_kind(leaf):
+        if is_float(leaf) and nonfinite_kind(leaf):
             if _only_neg_inf(leaf):  # an attention-style mask passed in: intentional
                 taints.append(INTENTIONAL)
                 continue

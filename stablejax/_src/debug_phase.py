@@ -57,8 +57,16 @@ def label_equations(
     # glue (cotangent sums jax may emit outside the transpose name stack).
     bwd_used: set[Any] = set()
     used: set[Any] = set()
-    for eqn in jaxpr.eqns:
+    site_of_users: dict[Any, set[int]] = {}
+    first_at_site: dict[int, int] = {}
+    for i, eqn in enumerate(jaxpr.eqns):
         used.update(v for v in eqn.invars if _is_var(v))
+        tb = eqn.source_info.traceback
+        if tb is not None:
+            first_at_site.setdefault(id(tb), i)
+            for v in eqn.invars:
+                if _is_var(v):
+                    site_of_users.setdefault(v, set()).add(id(tb))
     used.update(v for v in jaxpr.outvars if _is_var(v))
     fwd_used: set[Any] = {v for v, f in zip(jaxpr.outvars, out_forward) if f and _is_var(v)}
     labels: list[str] = [FORWARD] * n
@@ -76,7 +84,17 @@ def label_equations(
             labels_feed.add(i)
             bwd_used.update(v for v in eqn.invars if _is_var(v))
         live = [v for v in outs if v in used]
-        if any(v in fwd_used for v in outs) or not live:
+        tb = eqn.source_info.traceback
+        # The primal op is the first equation a JVP rule emits at its site; its
+        # coefficients follow with the same traceback and read its result. A
+        # primal op read only by its own coefficients (the discarded loss of
+        # `jax.grad(jnp.sqrt)`) is still primal.
+        own_primal = (
+            tb is not None
+            and first_at_site.get(id(tb)) == i
+            and any(id(tb) in site_of_users.get(v, ()) for v in outs)
+        )
+        if any(v in fwd_used for v in outs) or not live or own_primal:
             labels[i] = FORWARD
             # A dead output of a primal op is a primal value too.
             flags[i] = tuple(
