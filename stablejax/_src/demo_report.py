@@ -46,6 +46,11 @@ def _run_dict(log: RunLog) -> dict[str, Any]:
     }
 
 
+def _device_name(dev: jax.Device) -> str:
+    kind = str(getattr(dev, "device_kind", "") or "")
+    return dev.platform if kind.lower() in ("", dev.platform) else f"{dev.platform} ({kind})"
+
+
 def environment() -> dict[str, str]:
     """Versions and the device the demo ran on."""
     import flax
@@ -60,7 +65,7 @@ def environment() -> dict[str, str]:
         "flax": flax.__version__,
         "optax": optax.__version__,
         "python": platform.python_version(),
-        "device": f"{dev.platform}: {getattr(dev, 'device_kind', '')}".strip(),
+        "device": _device_name(dev),
         "cpu_count": str(os.cpu_count()),
     }
 
@@ -145,7 +150,8 @@ def to_markdown(
             + " |"
         )
     for r in results:
-        lines += ["", f"## {r.scenario.title} (`{r.scenario.name}`)", "", r.scenario.cause + "."]
+        cause = r.scenario.cause[:1].upper() + r.scenario.cause[1:]
+        lines += ["", f"## {r.scenario.title} (`{r.scenario.name}`)", "", cause + "."]
         step = r.naive.nonfinite_step
         if step is None:
             lines += ["", "The naive run stayed finite."]

@@ -173,12 +173,13 @@ def run_scenario(scenario: Scenario, steps: int, console: Console) -> ScenarioRe
 def summary_table(results: Sequence[ScenarioResult], wall_seconds: float) -> Table:
     """The rich summary table printed at the end of the demo."""
     table = Table(title=f"stablejax demo: {len(results)} scenario(s) in {wall_seconds:.1f} s")
-    for col, justify in (
-        ("scenario", "left"), ("naive NaN/Inf", "right"), ("locate: op, phase, module", "left"),
-        ("category", "left"), ("fix", "left"), ("fixed loss", "right"), ("skips", "right"),
-        ("s", "right"),
+    for col, justify, wrap in (
+        ("scenario", "left", False), ("naive NaN/Inf", "right", False),
+        ("locate: op, phase, module", "left", True), ("category", "left", False),
+        ("fix", "left", True), ("fixed loss", "right", False), ("skips", "right", False),
+        ("s", "right", False),
     ):
-        table.add_column(col, justify=justify, overflow="fold")
+        table.add_column(col, justify=justify, overflow="fold", no_wrap=not wrap)
     for r in results:
         rep = r.report
         where = "-" if rep is None else ", ".join(
