@@ -539,3 +539,35 @@ def test_discarded_primal_output(jit):
     check(r, primitive="div", phase="backward", module=None, tag="bare",
           category="derivative_singularity", kind="inf")
     assert r.op == "sqrt"
+
+
+class StdLayer(nn.Module):
+    @nn.compact
+    def __call__(self, c, _):
+        c = nn.Dense(3)(c)
+        return c, jnp.std(c)  # L:remscan
+
+
+class RematStack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        scan = nn.scan(nn.remat(StdLayer), variable_axes={"params": 0},
+                       split_rngs={"params": True}, length=4)
+        return scan()(x, None)[1].sum()
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_linen_scan_of_remat_backward(jit):
+    m = RematStack()
+    x = jnp.ones((1, 3))
+    p = m.init(jax.random.key(0), x)
+    (name,) = p["params"]
+    kernel = p["params"][name]["Dense_0"]["kernel"]
+    bias = p["params"][name]["Dense_0"]["bias"]
+    # layer 1 outputs the constant vector (1, 1, 1): only its std is 0
+    p["params"][name]["Dense_0"]["kernel"] = kernel.at[1].set(0.0)
+    p["params"][name]["Dense_0"]["bias"] = bias.at[1].set(1.0)
+    r = locate(maybe_jit(jax.grad(lambda p, x: m.apply(p, x)), jit))(p, x)
+    check(r, primitive="div", phase="backward", module=f"RematStack/{name}", tag="remscan",
+          category="derivative_singularity", kind="inf")
+    assert r.iteration == 1 and r.op == "sqrt"
