@@ -157,10 +157,14 @@ def run_scenario(scenario: Scenario, steps: int, console: Console) -> ScenarioRe
         # op-by-op evaluation time).
         params, _, batch = culprit
         grads_fn = jax.value_and_grad(naive_run.loss_fn)
-        report = locate(grads_fn, history=naive.history()[:step])(params, batch)
+        try:
+            report = locate(grads_fn, history=naive.history()[:step])(params, batch)
+        except Exception as e:  # the demo reports a failing locate and goes on
+            console.print(f"[red]locate failed: {type(e).__name__}: {e}[/red]")
+            report = None
         locate_seconds = time.perf_counter() - t
         if report is None:
-            console.print("[yellow]locate found no NaN/Inf re-evaluating the step[/yellow]")
+            console.print("[yellow]locate gave no report for this step[/yellow]")
         else:
             console.print(report_panel(report))
     console.print(f"[dim]fix:[/dim] {scenario.fix}")
