@@ -571,3 +571,23 @@ def test_linen_scan_of_remat_backward(jit):
     check(r, primitive="div", phase="backward", module=f"RematStack/{name}", tag="remscan",
           category="derivative_singularity", kind="inf")
     assert r.iteration == 1 and r.op == "sqrt"
+
+
+def bce(x, y):
+    p = jax.nn.sigmoid(x)
+    return -jnp.mean(y * jnp.log(p) + (1 - y) * jnp.log(1 - p))  # L:bce
+
+
+def f16_attention(q, k):
+    return jax.nn.softmax(q @ k.T, axis=-1).sum()  # L:f16attn
+
+
+def test_sigmoid_bce_and_f16_attention():
+    r = locate(jax.jit(bce))(jnp.array([-200.0, 3.0]), jnp.array([1.0, 0.0]))
+    check(r, primitive="log", phase="forward", module=None, tag="bce", category="loss_nan",
+          kind="inf")
+    assert "log_sigmoid" in r.suggestion
+    q = jnp.full((4, 64), 40.0, jnp.float16)
+    r = locate(jax.jit(f16_attention))(q, q)
+    check(r, primitive="dot_general", phase="forward", module=None, tag="f16attn",
+          category="overflow_low_precision", kind="inf")

@@ -22,7 +22,8 @@ import numpy as np
 from stablejax._src.debug_values import Origin
 
 _LOSS_NAME = re.compile(
-    r"loss|mae|mse|rmse|cross_?entropy|xent|nll|criterion|objective|likelihood|huber",
+    r"loss|mae|mse|rmse|cross_?entropy|xent|nll|criterion|objective|likelihood|huber|bce"
+    r"|kl_?div|kld|dice|hinge|focal|contrastive|triplet|info_?nce|elbo|perplexity",
     re.IGNORECASE,
 )
 _LOSS_FILES = ("optax/losses", "optax/_src/loss", "stablejax/losses", "stablejax/_src/losses")
@@ -286,7 +287,7 @@ def diagnose(
         else:
             why = f"{origin.primitive} at the edge of its domain: {sing}"
         if loss:
-            return Diagnosis("loss_nan", why, _loss_fix(op, line_text, fix))
+            return Diagnosis("loss_nan", why, _loss_fix(op, _context(origin, line_text), fix))
         if origin.phase == "update":
             return Diagnosis(
                 "forward_singularity",
@@ -328,9 +329,15 @@ def diagnose(
         return Diagnosis("loss_nan" if loss else "forward_singularity", why, fix)
     why = f"{origin.primitive} produced {origin.kind} from finite inputs"
     if loss:
-        return Diagnosis("loss_nan", why, _loss_fix(op, line_text, fix))
+        return Diagnosis("loss_nan", why, _loss_fix(op, _context(origin, line_text), fix))
     category = "derivative_singularity" if origin.phase == "backward" else "forward_singularity"
     return Diagnosis(category, why, fix or _op_fix(op, origin))
+
+
+def _context(origin: Origin, line_text: str) -> str:
+    """The culprit line plus the names of the ops that made its operands."""
+    made_by = " ".join(p for p in origin.extra.get("producers", []) if p)
+    return f"{line_text} {made_by.replace('logistic', 'sigmoid')}"
 
 
 def _rows_str(rows: Sequence[int] | None) -> str:
@@ -368,6 +375,11 @@ def _loss_fix(op: str | None, line_text: str, fix: str | None) -> str:
         return (
             "write MAE as jnp.abs(pred - y) or use stablejax.losses.mae(pred, y) "
             "(stablejax.losses.rmse for RMSE): sqrt(x**2) has a NaN gradient at x = 0"
+        )
+    if op in _LOG_OPS and "sigmoid" in text:
+        return (
+            "use jax.nn.log_sigmoid(x) (and log_sigmoid(-x) for 1 - sigmoid) or "
+            "optax.sigmoid_binary_cross_entropy(logits, labels) instead of log(sigmoid(x))"
         )
     if op in _LOG_OPS:
         return (

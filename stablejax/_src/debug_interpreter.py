@@ -97,6 +97,7 @@ class Walker:
         self._labels: dict[tuple[int, tuple[bool, ...], bool], Any] = {}
         self._keep: list[Any] = []  # keeps labelled jaxprs alive, so ids stay unique
         self._forward_ops: dict[tuple[Any, ...], str] = {}
+        self._producer: dict[Any, str] = {}  # var -> primitive (or jit name) that made it
         self.reached: list[int] = []
         self.scoped = False  # whether any equation ran under a module scope
 
@@ -199,6 +200,7 @@ class Walker:
                 env[v] = val
                 taint[v] = t
                 grad[v] = out_grad
+                self._producer[v] = eqn.params.get("name") or eqn.primitive.name
         outs = [read(v) for v in jaxpr.outvars]
         taints = [read_taint(v) for v in jaxpr.outvars]
         grads = [
@@ -226,6 +228,9 @@ class Walker:
         if name in _CALL_PARAMS and _CALL_PARAMS[name] in params:
             jaxpr, consts = _sub_jaxpr(params[_CALL_PARAMS[name]])
             if len(jaxpr.invars) == len(invals) and len(jaxpr.constvars) == len(consts):
+                for inner, outer in zip(jaxpr.invars, eqn.invars):
+                    if outer in self._producer:
+                        self._producer[inner] = self._producer[outer]
                 outs, taints, _ = self._eval(
                     jaxpr, consts, invals, in_taints, [in_grad] * len(invals), site, out_flags
                 )
@@ -299,6 +304,7 @@ class Walker:
             forward_op=self._forward_op(key) if phase == "backward" else None,
             site=key,
         )
+        origin.extra["producers"] = [self._producer.get(v) for v in eqn.invars]
         if eqn.primitive.name == "gather":
             origin.extra["gather"] = gather_bounds(eqn, invals)
         if any(s.dtype in LOW_PRECISION for s in origin.inputs + origin.outputs):
