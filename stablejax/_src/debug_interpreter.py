@@ -229,7 +229,7 @@ class Walker:
             jaxpr, consts = _sub_jaxpr(params[_CALL_PARAMS[name]])
             if len(jaxpr.invars) == len(invals) and len(jaxpr.constvars) == len(consts):
                 for inner, outer in zip(jaxpr.invars, eqn.invars):
-                    if outer in self._producer:
+                    if not isinstance(outer, jcore.Literal) and outer in self._producer:
                         self._producer[inner] = self._producer[outer]
                 outs, taints, _ = self._eval(
                     jaxpr, consts, invals, in_taints, [in_grad] * len(invals), site, out_flags
@@ -304,7 +304,9 @@ class Walker:
             forward_op=self._forward_op(key) if phase == "backward" else None,
             site=key,
         )
-        origin.extra["producers"] = [self._producer.get(v) for v in eqn.invars]
+        origin.extra["producers"] = [
+            None if isinstance(v, jcore.Literal) else self._producer.get(v) for v in eqn.invars
+        ]
         if eqn.primitive.name == "gather":
             origin.extra["gather"] = gather_bounds(eqn, invals)
         if any(s.dtype in LOW_PRECISION for s in origin.inputs + origin.outputs):
