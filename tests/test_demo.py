@@ -104,6 +104,12 @@ def test_locate_details_name_the_culprit(demo):
     assert "UnitNorm" in zero["module"]
     assert "jnp.linalg.norm" in zero["line_text"]
 
+    # The fix locate suggests is the one the fixed run applies.
+    assert "stablejax.losses.mae" in _scenario(demo, "sqrt_loss")["locate"]["suggestion"]
+    assert "StdPool" in silent["locate"]["suggestion"]
+    assert "L2Normalize" in zero["suggestion"]
+    assert "float32" in _scenario(demo, "fp16_overflow")["locate"]["suggestion"]
+
     fp16 = _scenario(demo, "fp16_overflow")["locate"]
     assert any(op["dtype"] == "float16" for op in fp16["inputs"])
     assert _scenario(demo, "explosion")["locate"]["module"].startswith("DeepMLP")

@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 
-from stablejax._src.demo_runner import ScenarioResult, source_line
+from stablejax._src.demo_runner import ScenarioResult, op_label, source_line
 from stablejax._src.demo_train import RunLog
 
 
@@ -129,7 +129,7 @@ def to_markdown(
     for r in results:
         rep = r.report
         where = "-" if rep is None else (
-            f"`{rep.primitive or rep.input_path}` / {rep.phase} / {rep.module or '-'}"
+            f"`{op_label(rep)}` / {rep.phase} / {rep.module or '-'}"
         )
         cat = "-" if rep is None else f"{'✓' if r.category_ok else '✗'} `{rep.category}`"
         step = r.naive.nonfinite_step

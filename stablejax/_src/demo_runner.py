@@ -110,6 +110,15 @@ def source_line(report: Report) -> str:
         return ""
 
 
+def op_label(report: Report) -> str:
+    """``div (grad of sqrt)``, ``mul``, or the input path for values that came in."""
+    if report.primitive is None:
+        return report.input_path or "(input)"
+    if report.op and report.op != report.primitive:
+        return f"{report.primitive} (grad of {report.op})"
+    return report.primitive
+
+
 def report_panel(report: Report) -> Panel:
     """The ``locate`` report as a rich panel: op, module, phase, line, category, fix."""
     table = Table.grid(padding=(0, 1))
@@ -180,14 +189,14 @@ def summary_table(results: Sequence[ScenarioResult], wall_seconds: float) -> Tab
     for col, justify, wrap in (
         ("scenario", "left", False), ("naive NaN/Inf", "right", False),
         ("locate: op, phase, module", "left", True), ("category", "left", False),
-        ("fix", "left", True), ("fixed loss", "right", False), ("skips", "right", False),
+        ("fix", "left", False), ("fixed loss", "right", False), ("skips", "right", False),
         ("s", "right", False),
     ):
         table.add_column(col, justify=justify, overflow="fold", no_wrap=not wrap)
     for r in results:
         rep = r.report
         where = "-" if rep is None else ", ".join(
-            x for x in (rep.primitive or rep.input_path, rep.phase, rep.module) if x
+            x for x in (op_label(rep), rep.phase, rep.module) if x
         )
         cat = "-" if rep is None else rep.category
         mark = "[green]✓[/green]" if r.category_ok else "[red]✗[/red]"
