@@ -219,6 +219,15 @@ def scenario_names(requested: Sequence[str] | None) -> list[str]:
 
     Raises:
       ValueError: for an unknown name, listing the known ones.
+
+    Examples:
+      >>> scenario_names(["sqrt_loss,nan_batch", "sqrt_loss"])
+      ['sqrt_loss', 'nan_batch']
+      >>> len(scenario_names(None))
+      6
+      >>> scenario_names(["nope"])  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ValueError: unknown scenario 'nope'; choose from: all, explosion, zero_norm, ...
     """
     if not requested:
         return list(SCENARIOS)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -186,8 +187,6 @@ class Run:
           The log, and the ``(params, opt_state, batch)`` the first non-finite
           step started from (``None`` if there was none), for ``locate``.
         """
-        import time
-
         start = time.perf_counter()
         log = RunLog()
         params, opt_state = self.params, self.opt_state
