@@ -92,12 +92,13 @@ def _fail(message: str, code: int) -> int:
 def run_demo(names: Sequence[str], steps: int, out: str, plots: bool) -> int:
     """Runs the scenarios ``names``, prints the summary and writes ``out``; the exit status."""
     from rich.console import Console
+    from rich.text import Text
 
     from stablejax._src import demo_report, demo_runner
 
     console = Console(highlight=False)
     if not console.is_terminal:  # logs and CI: wide enough for the summary table
-        console = Console(highlight=False, width=120)
+        console = Console(highlight=False, width=132)
     start = time.perf_counter()
     results = [demo_runner.run_scenario(demo_runner.SCENARIOS[n], steps, console) for n in names]
     wall = time.perf_counter() - start
@@ -114,7 +115,7 @@ def run_demo(names: Sequence[str], steps: int, out: str, plots: bool) -> int:
                 written.append(path)
     except OSError as e:
         return _fail(f"cannot write to {out!r}: {e.strerror or e}", EXIT_IO)
-    console.print(f"wrote {', '.join(written)}")
+    console.print(Text(f"wrote {', '.join(written)}"))
     bad = [r.scenario.name for r in results if not r.ok]
     if bad:
         return _fail(f"scenario(s) did not behave as expected: {', '.join(bad)}", EXIT_FAILED)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import jax
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -128,16 +129,16 @@ def report_panel(report: Report) -> Panel:
     op = report.primitive or "(input)"
     if report.op and report.op != report.primitive:
         op += f" (derivative of {report.op})"
-    table.add_row("first", f"{what} born in {op}")
+    table.add_row("first", Text(f"{what} born in {op}"))
     if report.input_path:
         rows = f" rows {report.rows}" if report.rows else ""
-        table.add_row("input", f"{report.input_path}{rows}")
-    table.add_row("module", report.module or "-")
+        table.add_row("input", Text(f"{report.input_path}{rows}"))
+    table.add_row("module", Text(report.module or "-"))
     table.add_row("phase", report.phase)
     line = source_line(report)
-    table.add_row("line", f"{report.source or '-'}" + (f"  {line}" if line else ""))
+    table.add_row("line", Text(f"{report.source or '-'}" + (f"  {line}" if line else "")))
     table.add_row("category", Text(report.category, style="bold magenta"))
-    table.add_row("why", report.why)
+    table.add_row("why", Text(report.why))
     table.add_row("fix", Text(report.suggestion, style="green"))
     return Panel(table, title="stablejax.debug.locate", border_style="magenta", expand=False)
 
@@ -145,8 +146,8 @@ def report_panel(report: Report) -> Panel:
 def run_scenario(scenario: Scenario, steps: int, console: Console) -> ScenarioResult:
     """Runs one scenario and prints its progress and ``locate`` report."""
     start = time.perf_counter()
-    console.rule(f"[bold]{scenario.title}[/bold]  ({scenario.name})")
-    console.print(f"[dim]cause:[/dim] {scenario.cause}")
+    console.rule(f"[bold]{escape(scenario.title)}[/bold]  ({scenario.name})")
+    console.print(Text("cause: ", style="dim") + Text(scenario.cause))
     batches, naive_recipe, fixed_recipe = scenario.build(steps)
     naive_run = Run.build(naive_recipe)
     naive, culprit = _train(naive_run, batches, "naive", True, console)
@@ -156,9 +157,11 @@ def run_scenario(scenario: Scenario, steps: int, console: Console) -> ScenarioRe
     else:
         step = naive.nonfinite_step
         console.print(
-            f"naive run went non-finite at step {step} (loss {_fmt(naive.losses[step])}, "
-            f"grad norm {_fmt(naive.grad_norms[step])}); "
-            "locate(jax.value_and_grad(loss_fn))(params, batch) on that step:"
+            Text(
+                f"naive run went non-finite at step {step} (loss {_fmt(naive.losses[step])}, "
+                f"grad norm {_fmt(naive.grad_norms[step])}); "
+                "locate(jax.value_and_grad(loss_fn))(params, batch) on that step:"
+            )
         )
         t = time.perf_counter()
         # locate on the loss and its gradient at the step's parameters and batch:
@@ -169,14 +172,14 @@ def run_scenario(scenario: Scenario, steps: int, console: Console) -> ScenarioRe
         try:
             report = locate(grads_fn, history=naive.history()[:step])(params, batch)
         except Exception as e:  # the demo reports a failing locate and goes on
-            console.print(f"[red]locate failed: {type(e).__name__}: {e}[/red]")
+            console.print(Text(f"locate failed: {type(e).__name__}: {e}", style="red"))
             report = None
         locate_seconds = time.perf_counter() - t
         if report is None:
             console.print("[yellow]locate gave no report for this step[/yellow]")
         else:
             console.print(report_panel(report))
-    console.print(f"[dim]fix:[/dim] {scenario.fix}")
+    console.print(Text("fix: ", style="dim") + Text(scenario.fix))
     fixed, _ = _train(Run.build(fixed_recipe), batches, "fixed", False, console)
     return ScenarioResult(
         scenario, steps, naive, fixed, report, locate_seconds, time.perf_counter() - start
@@ -187,10 +190,9 @@ def summary_table(results: Sequence[ScenarioResult], wall_seconds: float) -> Tab
     """The rich summary table printed at the end of the demo."""
     table = Table(title=f"stablejax demo: {len(results)} scenario(s) in {wall_seconds:.1f} s")
     for col, justify, wrap in (
-        ("scenario", "left", False), ("naive NaN/Inf", "right", False),
+        ("scenario", "left", False), ("naive", "right", False),
         ("locate: op, phase, module", "left", True), ("category", "left", False),
         ("fix", "left", False), ("fixed loss", "right", False), ("skips", "right", False),
-        ("s", "right", False),
     ):
         table.add_column(col, justify=justify, overflow="fold", no_wrap=not wrap)
     for r in results:
@@ -199,17 +201,16 @@ def summary_table(results: Sequence[ScenarioResult], wall_seconds: float) -> Tab
             x for x in (op_label(rep), rep.phase, rep.module) if x
         )
         cat = "-" if rep is None else rep.category
-        mark = "[green]✓[/green]" if r.category_ok else "[red]✗[/red]"
-        fixed_ok = r.fixed.finished_finite
+        mark = "[green]✓[/green] " if r.category_ok else "[red]✗[/red] "
+        fixed_style = "green" if r.fixed.finished_finite else "red"
         table.add_row(
             r.scenario.name,
             "-" if r.naive.nonfinite_step is None else f"step {r.naive.nonfinite_step}",
-            where,
-            f"{mark} {cat}",
-            r.scenario.short_fix,
-            ("[green]" if fixed_ok else "[red]") + _fmt(r.fixed.final_loss),
+            Text(where),
+            Text.from_markup(mark) + Text(cat),
+            Text(r.scenario.short_fix),
+            Text(_fmt(r.fixed.final_loss), style=fixed_style),
             str(len(r.fixed.skipped)),
-            f"{r.seconds:.1f}",
         )
     return table
 

@@ -218,7 +218,8 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "sqrt_loss",
             "sqrt((pred - y)**2) at a perfect prediction",
-            "MAE written as sqrt((pred - y)**2); the ReLU output predicts a dry day (0) exactly",
+            "MAE written as sqrt((pred - y)**2); the output, clamped at 0, "
+            "predicts a dry day exactly",
             "stablejax.losses.mae",
             "losses.mae",
             "loss_nan",
