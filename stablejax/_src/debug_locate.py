@@ -260,7 +260,7 @@ def _report(
     func = user[0].function if user else None
     line_text = linecache.getline(user[0].file, user[0].line) if user else ""
     module = module_path(origin.scopes, frozenset(debug_nnx.ROOT_NAMES))
-    scoped = any(o.scopes for o in walker.origins) or bool(origin.scopes) or _any_scope(walker)
+    scoped = walker.scoped or any(o.scopes for o in walker.origins)
     d = diagnose(
         origin,
         module=module,
@@ -292,10 +292,6 @@ def _report(
         reaches_output=reaches,
         origins=len(walker.origins),
     )
-
-
-def _any_scope(walker: Walker) -> bool:
-    return walker.scoped
 
 
 def _rel(frame: Frame) -> Frame:
