@@ -12,7 +12,8 @@ import jax
 import numpy as np
 
 from stablejax._src import debug_nnx
-from stablejax._src.debug_diagnose import History, diagnose, parse_history
+from stablejax._src.debug_diagnose import diagnose
+from stablejax._src.debug_history import History, parse_history
 from stablejax._src.debug_interpreter import INTENTIONAL, Walker
 from stablejax._src.debug_report import Report
 from stablejax._src.debug_source import Frame, is_user_file, module_path
