@@ -116,6 +116,20 @@ def test_spike_is_skipped_and_stats_untouched():
     assert int(after.norm_count) == 13  # 12 + the good step after the spike
 
 
+def test_loss_spike_is_skipped_when_asked():
+    tx = optim.guard(optax.sgd(0.1), spike_threshold=None, loss_spike_threshold=6.0, spike_warmup=5)
+    seq = [grads(seed=i) for i in range(8)]
+    losses = [2.0, 2.1, 1.9, 2.0, 2.05, 1.95, 2.0, 9.0]
+    updates, states = run(tx, seq, losses)
+    assert int(states[-1].skipped_spike) == 1 and int(states[-2].skipped_total) == 0
+    assert bits_equal(stats(states[-2]), stats(states[-1]))
+    assert float(states[-1].loss_mean) == float(states[-2].loss_mean)
+    np.testing.assert_allclose(float(states[-2].loss_mean), np.mean(losses[:7]), rtol=1e-6)
+    # Off by default: the same losses pass.
+    _, states = run(optim.guard(optax.sgd(0.1), spike_threshold=None), seq, losses)
+    assert int(states[-1].skipped_total) == 0
+
+
 def test_no_spike_test_before_warmup():
     tx = optim.guard(optax.sgd(0.1), spike_warmup=20)
     _, states = run(tx, [grads(seed=i) for i in range(5)] + [grads(100.0)])
@@ -190,20 +204,21 @@ def test_never_gives_up_without_limit():
     assert not all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates[-1]))
 
 
-def test_lr_backoff_scales_and_recovers():
+def test_lr_backoff_scales_once_per_run_and_recovers():
     inner = optax.sgd(1.0)
     nan_g = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), PARAMS)
     tx = optim.guard(
         inner, lr_backoff=0.5, lr_recovery_steps=2, min_lr_scale=0.25, spike_threshold=None
     )
     g = grads()
-    updates, states = run(tx, [nan_g, nan_g, nan_g, g, g, g])
+    seq = [nan_g, nan_g, g, nan_g, nan_g, nan_g, g, nan_g, g, g, g]
+    updates, states = run(tx, seq)
     scales = [float(s.lr_scale) for s in states[1:]]
-    assert scales == [0.5, 0.25, 0.25, 0.25, 0.5, 0.5]
-    # The update after the skips is the inner update times the scale in force.
-    expect = jax.tree.map(lambda x: -0.25 * x, g)
-    assert bits_equal(updates[3], expect)
-    assert bits_equal(updates[5], jax.tree.map(lambda x: -0.5 * x, g))
+    assert scales == [0.5, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.5, 0.5]
+    # An accepted update is the inner update times the scale in force before the step.
+    assert bits_equal(updates[6], jax.tree.map(lambda x: -0.25 * x, g))
+    assert bits_equal(updates[10], jax.tree.map(lambda x: -0.5 * x, g))
+    assert int(states[-1].good_streak) == 1
 
 
 def test_low_precision_gradients():

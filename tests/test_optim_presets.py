@@ -81,6 +81,7 @@ BAD = [
     (lambda: optim.guard(optax.sgd(1.0), spike_threshold=float("nan")), "spike_threshold"),
     (lambda: optim.guard(optax.sgd(1.0), max_consecutive_skips=0), "max_consecutive_skips"),
     (lambda: optim.guard(optax.sgd(1.0), spike_warmup=0), "spike_warmup"),
+    (lambda: optim.guard(optax.sgd(1.0), loss_spike_threshold=0.0), "loss_spike_threshold"),
     (lambda: optim.guard(optax.sgd(1.0), stats_decay=1.0), "stats_decay"),
     (lambda: optim.guard(optax.sgd(1.0), lr_backoff=1.5), "lr_backoff"),
     (lambda: optim.guard(optax.sgd(1.0), lr_backoff=0.0), "lr_backoff"),

@@ -23,6 +23,8 @@ _WHERE = "stablejax.optim.guard"
 # The spike test's standard deviation is floored at this fraction of the running
 # mean, so a nearly constant history (std ~ 0) does not flag every small rise.
 _REL_STD_FLOOR = 0.1
+# The same for the loss, whose spikes are small relative to its level.
+_LOSS_REL_STD_FLOOR = 0.01
 
 
 class GuardState(NamedTuple):
@@ -42,6 +44,8 @@ class GuardState(NamedTuple):
       norm_count: accepted steps in the running statistics (since the last reset).
       norm_mean: running mean of the norm over accepted steps.
       norm_var: running variance of the norm over accepted steps.
+      loss_mean: running mean of the loss over accepted steps (0 without ``loss=``).
+      loss_var: running variance of the loss over accepted steps.
       halted: True once ``on_give_up='halt'`` has fired; every later step is refused.
       give_ups: times ``max_consecutive_skips`` was reached.
       lr_scale: factor applied to the updates by ``lr_backoff`` (1 without it).
@@ -60,6 +64,8 @@ class GuardState(NamedTuple):
     norm_count: Array
     norm_mean: Array
     norm_var: Array
+    loss_mean: Array
+    loss_var: Array
     halted: Array
     give_ups: Array
     lr_scale: Array
@@ -74,6 +80,7 @@ def guard(
     on_give_up: Literal["halt", "reset"] = "halt",
     spike_threshold: float | None = 6.0,
     spike_warmup: int = 20,
+    loss_spike_threshold: float | None = None,
     stats_decay: float = 0.98,
     lr_backoff: float | None = None,
     lr_recovery_steps: int = 50,
@@ -111,10 +118,14 @@ def guard(
     spike warm-up, and carries on: a stale norm history or a long bad stretch of
     data can then no longer block training forever.
 
-    With ``lr_backoff`` = :math:`b`, each refused step multiplies ``lr_scale`` by
-    :math:`b` (not below ``min_lr_scale``) and each run of ``lr_recovery_steps``
-    accepted steps divides it by :math:`b` (not above 1), as dynamic loss scaling
-    does; accepted updates are multiplied by ``lr_scale``.
+    With ``lr_backoff`` = :math:`b`, each run of refused steps multiplies
+    ``lr_scale`` by :math:`b` once, on its first step (not below
+    ``min_lr_scale``), and each run of ``lr_recovery_steps`` accepted steps
+    divides it by :math:`b` (not above 1), as dynamic loss scaling does; accepted
+    updates are multiplied by ``lr_scale``. Skipping cannot change the gradient
+    of the next step (the parameters did not move), so halving once per run is
+    enough to make the steps after it smaller, and a long bad stretch of data
+    does not drive the rate to its floor.
 
     Args:
       inner: the transformation to protect, typically a whole ``optax.chain``.
@@ -125,9 +136,15 @@ def guard(
       spike_threshold: z-score above which the norm is a spike (> 0), or None
         to skip only non-finite steps.
       spike_warmup: accepted steps before spikes are tested (>= 2).
+      loss_spike_threshold: z-score above which the loss passed as ``loss=`` is a
+        spike (> 0), tested as the norm is (std floored at 1% of the mean loss),
+        or None (default) not to test the loss. The loss at step :math:`t` is
+        measured at parameters the step :math:`t-1` update already moved, so a
+        loss spike mostly matters with ``lr_backoff``: the step sizes after it
+        shrink.
       stats_decay: decay of the running norm statistics, in (0, 1).
-      lr_backoff: factor in (0, 1) applied to ``lr_scale`` on each refused step,
-        or None for no backoff.
+      lr_backoff: factor in (0, 1) applied to ``lr_scale`` at the start of each
+        run of refused steps, or None for no backoff.
       lr_recovery_steps: accepted steps between two recoveries of ``lr_scale``.
       min_lr_scale: lower bound of ``lr_scale``, in (0, 1].
       axis_name: a ``shard_map``/``pmap`` axis whose replicas must agree: per-leaf
@@ -160,6 +177,8 @@ def guard(
         clipping.check_count("max_consecutive_skips", max_consecutive_skips, _WHERE, minimum=1)
     if spike_threshold is not None:
         spike_threshold = validation.check_positive("spike_threshold", spike_threshold, _WHERE)
+    if loss_spike_threshold is not None:
+        validation.check_positive("loss_spike_threshold", loss_spike_threshold, _WHERE)
     clipping.check_count("spike_warmup", spike_warmup, _WHERE, minimum=2)
     clipping.check_unit_interval("stats_decay", stats_decay, _WHERE)
     if lr_backoff is not None:
@@ -185,6 +204,8 @@ def guard(
             norm_count=i32(0),
             norm_mean=f32(0.0),
             norm_var=f32(0.0),
+            loss_mean=f32(0.0),
+            loss_var=f32(0.0),
             halted=jnp.asarray(False),
             give_ups=i32(0),
             lr_scale=f32(1.0),
@@ -210,13 +231,24 @@ def guard(
                 loss_finite = lax.pmin(loss_finite.astype(jnp.int32), axis_name) > 0
         nonfinite = ~(grads_finite & loss_finite)
 
+        warm = state.norm_count >= spike_warmup
         std = jnp.maximum(jnp.sqrt(state.norm_var), _REL_STD_FLOOR * state.norm_mean)
         if spike_threshold is None:
             spike = jnp.asarray(False)
         else:
-            warm = state.norm_count >= spike_warmup
             spike = warm & ~nonfinite & (norm - state.norm_mean > spike_threshold * std)
             spike = spike & (norm > 0)
+        loss_value = jnp.zeros([], jnp.float32)
+        if loss is not None:
+            loss_value = jnp.mean(jnp.asarray(loss, jnp.float32))
+            if axis_name is not None:
+                loss_value = lax.pmean(loss_value, axis_name)
+        if loss_spike_threshold is not None and loss is not None:
+            loss_std = jnp.maximum(
+                jnp.sqrt(state.loss_var), _LOSS_REL_STD_FLOOR * jnp.abs(state.loss_mean)
+            )
+            rise = loss_value - state.loss_mean
+            spike = spike | (warm & ~nonfinite & (rise > loss_spike_threshold * loss_std))
         skip = state.halted | nonfinite | spike
         consecutive = jnp.where(skip, state.consecutive + 1, 0)
         give_up = jnp.asarray(False)
@@ -248,19 +280,26 @@ def guard(
         mean = jnp.where(skip, state.norm_mean, state.norm_mean + alpha * delta)
         var = jnp.where(skip, state.norm_var, (1.0 - alpha) * (state.norm_var + alpha * delta**2))
         count = jnp.where(skip, state.norm_count, count)
+        ldelta = loss_value - state.loss_mean
+        lmean = jnp.where(skip, state.loss_mean, state.loss_mean + alpha * ldelta)
+        lvar = jnp.where(skip, state.loss_var, (1.0 - alpha) * (state.loss_var + alpha * ldelta**2))
         f0 = jnp.zeros([], jnp.float32)
         mean, var = jnp.where(reset, f0, mean), jnp.where(reset, f0, var)
+        lmean, lvar = jnp.where(reset, f0, lmean), jnp.where(reset, f0, lvar)
         count = jnp.where(reset, 0, count)
 
         bad_leaf = jnp.argmax(~jnp.isfinite(sumsq)).astype(jnp.int32) if leaves else 0
         bad_leaf = jnp.where(jnp.all(jnp.isfinite(sumsq)), -1, bad_leaf)
         lr_scale, good_streak = state.lr_scale, state.good_streak
         if lr_backoff is not None:
+            # Once per run of refused steps: a corrupted shard of 500 NaN batches
+            # is one event, not 500 halvings of the learning rate.
+            first = skip & (state.consecutive == 0)
             streak = jnp.where(skip, 0, good_streak + 1)
             recover = streak >= lr_recovery_steps
             up = jnp.minimum(lr_scale / lr_backoff, 1.0)
             down = jnp.maximum(lr_scale * lr_backoff, min_lr_scale)
-            lr_scale = jnp.where(skip, down, jnp.where(recover, up, lr_scale))
+            lr_scale = jnp.where(first, down, jnp.where(recover, up, lr_scale))
             good_streak = jnp.where(recover, 0, streak)
         as_i32 = lambda b: b.astype(jnp.int32)
         new_state = GuardState(
@@ -275,6 +314,8 @@ def guard(
             norm_count=count.astype(jnp.int32),
             norm_mean=mean,
             norm_var=var,
+            loss_mean=lmean,
+            loss_var=lvar,
             halted=state.halted | (give_up & (on_give_up == "halt")),
             give_ups=state.give_ups + as_i32(give_up),
             lr_scale=lr_scale,

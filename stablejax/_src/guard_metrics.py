@@ -34,7 +34,7 @@ def metrics(opt_state: PyTree) -> dict[str, Array]:
 
     Keys: ``steps``, ``skipped_total``, ``skipped_nonfinite``, ``skipped_spike``,
     ``consecutive_skips``, ``last_skipped_step``, ``first_nonfinite_leaf``,
-    ``grad_norm``, ``grad_norm_mean``, ``grad_norm_std``, ``halted``,
+    ``grad_norm``, ``grad_norm_mean``, ``grad_norm_std``, ``loss_mean``, ``halted``,
     ``give_ups``, ``lr_scale``. Values are jax scalars (works under ``jit``).
 
     Args:
@@ -58,6 +58,7 @@ def metrics(opt_state: PyTree) -> dict[str, Array]:
         "grad_norm": s.grad_norm,
         "grad_norm_mean": s.norm_mean,
         "grad_norm_std": jnp.sqrt(s.norm_var),
+        "loss_mean": s.loss_mean,
         "halted": s.halted,
         "give_ups": s.give_ups,
         "lr_scale": s.lr_scale,
