@@ -114,6 +114,8 @@ def nondefault_state():
         good_streak=jnp.int32(4),
         consecutive=jnp.int32(1),
         first_nonfinite_leaf=jnp.int32(1),
+        loss_mean=jnp.float32(1.5),
+        loss_var=jnp.float32(0.25),
     )
     for name, value in state._asdict().items():
         if name != "inner_state":
