@@ -265,3 +265,15 @@ def test_metrics_under_jit():
     state = tx.init(PARAMS)
     m = jax.jit(optim.metrics)(state)
     assert int(m["steps"]) == 0 and float(m["lr_scale"]) == 1.0
+
+
+def test_reset_without_params_uses_the_gradient_as_template():
+    inner = optax.adam(1e-2)
+    tx = optim.guard(inner, max_consecutive_skips=1, on_give_up="reset")
+    state = tx.init(PARAMS)
+    update = jax.jit(lambda g, s: tx.update(g, s))
+    _, state = update(grads(), state)
+    assert int(state.inner_state[0].count) == 1
+    _, state = update(with_value(grads(), 0, jnp.nan), state)
+    assert int(state.give_ups) == 1
+    assert bits_equal(state.inner_state, inner.init(PARAMS))
