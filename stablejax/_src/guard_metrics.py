@@ -45,6 +45,15 @@ def metrics(opt_state: PyTree) -> dict[str, Array]:
 
     Raises:
       ValueError: if ``opt_state`` holds no guard state.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> from stablejax.optim import guard, metrics
+      >>> tx = optax.MultiSteps(guard(optax.adam(1e-3)), every_k_schedule=1)
+      >>> state = tx.init(jnp.zeros(2))
+      >>> _, state = tx.update(jnp.array([jnp.inf, 1.0]), state)
+      >>> int(metrics(state)["skipped_nonfinite"]), int(metrics(state)["first_nonfinite_leaf"])
+      (1, 0)
     """
     s = find_guard_state(opt_state)
     return {
@@ -78,6 +87,12 @@ def leaf_path(params: PyTree, index: int | Array) -> str | None:
 
     Raises:
       IndexError: if ``index`` is past the last leaf.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from stablejax.optim import leaf_path
+      >>> leaf_path({"dense": {"bias": jnp.zeros(2), "kernel": jnp.ones((2, 2))}}, 1)
+      "['dense']['kernel']"
     """
     index = int(index)
     if index < 0:
