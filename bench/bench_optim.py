@@ -11,6 +11,9 @@ Usage::
 
     python bench/bench_optim.py            # full run, writes bench/results/optim.json
     python bench/bench_optim.py --quick    # a few rounds, for a smoke test
+    # XLA:CPU without the donation copies (see docs/optim.md):
+    XLA_FLAGS=--xla_cpu_copy_insertion_use_region_analysis=true \
+        python bench/bench_optim.py --out bench/results/optim_region_analysis.json
 """
 
 from __future__ import annotations
@@ -131,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores visible, "
         f"backend {jax.default_backend()}",
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jax": jax.__version__,
         "optax": optax.__version__,
         "n_params": int(n_params),
