@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import stablejax as sj
@@ -66,8 +66,10 @@ def _reference(x):
     }
 
 
-@settings(max_examples=150, deadline=None, derandomize=True)
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
 @given(rows())
+@example(np.array([0.0, 0.0, 0.0, 6.0, 6.0, -9.0], np.float32))  # cancels to 0 exactly
+@example(np.array([3.0, 3.0, 3.0, 3.0, 3.0, 3.000001], np.float32))
 def test_forward_and_gradient_finite_and_forward_matches_plain(x):
     out = _evaluate(jnp.asarray(x))
     ref = _reference(x)
@@ -76,8 +78,9 @@ def test_forward_and_gradient_finite_and_forward_matches_plain(x):
         assert np.isfinite(value), (name, x)
         assert np.isfinite(grad).all(), (name, x, grad)
         # Exact where the true value is representable (float64 reference of the same
-        # float32 inputs); a standardized sum of six terms carries ~1e-6 rounding.
-        atol = 1e-37 if name != "layernorm0" else 1e-4
+        # float32 inputs); unit-scale sums of six terms (normalize, the layers) carry
+        # ~1e-6 rounding and can cancel to an exact 0 in float64.
+        atol = 1e-4 if name in ("normalize", "layernorm0", "rmsnorm0") else 1e-37
         np.testing.assert_allclose(float(value), ref[name], rtol=2e-5, atol=atol)
         if name in plain and np.isfinite(plain[name]):
             # Up to the plain formula's own float32 error: rounding of order eps * max|x|
