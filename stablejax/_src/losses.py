@@ -42,16 +42,9 @@ def _prepare(name: str, pred: ArrayLike, target: ArrayLike, axis: Axis, where):
     ct = compute_dtype(dtype)
     diff = pred.astype(ct) - target.astype(ct)
     axes = validation.canonical_axes(diff.ndim, axis, name)
-    if where is None:
+    mask = validation.broadcast_mask(where, diff.shape, name)
+    if mask is None:
         mask = jnp.ones(diff.shape, bool)
-    else:
-        where = jnp.asarray(where)
-        try:
-            mask = jnp.broadcast_to(where.astype(bool), diff.shape)
-        except ValueError:
-            raise ValueError(
-                f"{name}: `where` of shape {where.shape} does not broadcast to {diff.shape}."
-            ) from None
     diff = jnp.where(mask, diff, 0.0)
     count = jnp.maximum(jnp.sum(mask, axis=axes, dtype=ct), 1.0)
     return diff, count, axes, dtype

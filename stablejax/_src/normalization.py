@@ -28,18 +28,6 @@ from stablejax._src.reductions import NORMALIZE_GRAD_FLOOR, mean_spread, unit
 from stablejax._src.typing import Array, Axis
 
 
-def _broadcast_mask(mask: Array | None, shape: tuple[int, ...], where: str) -> Array | None:
-    if mask is None:
-        return None
-    mask = jnp.asarray(mask)
-    try:
-        return jnp.broadcast_to(mask.astype(bool), shape)
-    except ValueError:
-        raise ValueError(
-            f"{where}: mask of shape {mask.shape} does not broadcast to the input shape {shape}."
-        ) from None
-
-
 def compute_stats(
     x: Array,
     axes: tuple[int, ...],
@@ -121,7 +109,7 @@ def layer_norm(
     x = jnp.asarray(x)
     red = validation.canonical_axes(x.ndim, reduction_axes, where)
     feat = validation.canonical_axes(x.ndim, feature_axes, where)
-    mask = _broadcast_mask(mask, x.shape, where)
+    mask = validation.broadcast_mask(mask, x.shape, where)
     feature_shape = [1] * x.ndim
     for ax in feat:
         feature_shape[ax] = x.shape[ax]

@@ -216,16 +216,7 @@ def _prepare(name: str, x: ArrayLike, axis: Axis, where: ArrayLike | None):
     validation.check_float("x", x, name)
     x = jnp.asarray(x)
     axes = validation.canonical_axes(x.ndim, axis, name)
-    mask = None
-    if where is not None:
-        where = jnp.asarray(where)
-        try:
-            mask = jnp.broadcast_to(where.astype(bool), x.shape)
-        except ValueError:
-            raise ValueError(
-                f"{name}: `where` of shape {where.shape} does not broadcast to x of shape "
-                f"{x.shape}; pass a boolean mask shaped like x (or broadcastable to it)."
-            ) from None
+    mask = validation.broadcast_mask(where, x.shape, name)
     return x.astype(compute_dtype(x.dtype)), x.dtype, axes, mask
 
 

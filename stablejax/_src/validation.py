@@ -49,6 +49,23 @@ def canonical_axes(ndim: int, axis: int | Sequence[int] | None, where: str) -> t
     return tuple(sorted(out))
 
 
+def broadcast_mask(mask: ArrayLike | None, shape: tuple[int, ...], where: str):
+    """Returns ``mask`` as a boolean array of ``shape`` (None stays None).
+
+    Raises ``ValueError`` naming both shapes when ``mask`` does not broadcast.
+    """
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    try:
+        return jnp.broadcast_to(mask.astype(bool), shape)
+    except ValueError:
+        raise ValueError(
+            f"{where}: the mask of shape {mask.shape} does not broadcast to the input shape "
+            f"{shape}; pass a boolean mask shaped like the input (or broadcastable to it)."
+        ) from None
+
+
 def check_nonnegative(name: str, value: float, where: str) -> float:
     """Raises ``ValueError`` unless ``value`` is a finite, non-negative Python number."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
