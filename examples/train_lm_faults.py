@@ -5,11 +5,15 @@ with sparse random transitions (about 3 likely successors per token), so the
 best achievable loss is the chain's entropy rate, printed with the table. The
 model is a 2-layer pre-LayerNorm causal transformer in Flax linen.
 
-Optimizers, all with the same warm-up + cosine schedule, b2=0.95, weight decay
-0.1 on matrices and global-norm clipping at 1.0:
+Optimizers, all with the same warm-up + cosine schedule and weight decay 0.1
+on matrices:
 
-* ``plain``: ``optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(...))``;
-* ``apply_if_finite``: the same chain in ``optax.apply_if_finite(..., 10)``;
+* ``plain``: ``optax.adamw(schedule, weight_decay=0.1, mask=...)`` with optax's
+  defaults otherwise (b2=0.999, no clipping): what most training loops write;
+* ``clip_adamw``: ``optax.chain(optax.clip_by_global_norm(1.0),
+  optax.adamw(schedule, b2=0.95, ...))``, i.e. :func:`stable_adamw`'s recipe
+  without the guard, to show what clipping alone does;
+* ``apply_if_finite``: ``optax.apply_if_finite(plain, 10)``;
 * ``stable_adamw``: :func:`stablejax.optim.stable_adamw` with its defaults.
 
 Faults (one per scenario; "none" is the fault-free baseline):
@@ -17,14 +21,17 @@ Faults (one per scenario; "none" is the fault-free baseline):
 * ``nan_batch``: one batch whose per-token loss weights hold a NaN;
 * ``nan_shard``: a corrupted shard, 25% of the run's batches in a row, all NaN;
 * ``scaled_1000x``: one batch whose loss weights are 1000x (a bad normalisation);
-* ``high_lr``: the peak learning rate 100x the tuned one, no data fault.
+* ``high_lr``: a peak learning rate too high for plain training, no data fault.
+  It is found by measurement: every optimizer is trained fault-free at each
+  multiplier of ``--lr-multipliers`` (the sweep, printed too) and ``high_lr``
+  is the smallest multiplier at which ``plain`` fails.
 
 A run *survived* if its final eval loss is finite and at most 25% above the
-same optimizer's fault-free loss (the uniform guess is ~80-180% above it: a
-diverged run lands there or at NaN); the percentage to the fault-free loss is
-printed for every surviving run. Usage::
+same optimizer's fault-free loss at the tuned rate (the uniform guess is
+~80-180% above it: a diverged run lands there or at NaN); the percentage to
+the fault-free loss is printed for every surviving run. Usage::
 
-    python examples/train_lm_faults.py            # full run (10-15 minutes on 2 CPU cores)
+    python examples/train_lm_faults.py            # full run (about 17 minutes on 2 CPU cores)
     python examples/train_lm_faults.py --quick    # short run, under a minute
 """
 
@@ -119,15 +126,16 @@ def make_optimizers(cfg: Config, lr: float) -> dict[str, optax.GradientTransform
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, cfg.warmup, cfg.steps, lr * 0.1)
     mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
 
-    def chain():
-        return optax.chain(
-            optax.clip_by_global_norm(1.0),
-            optax.adamw(schedule, b2=0.95, weight_decay=0.1, mask=mask),
-        )
+    def plain():
+        return optax.adamw(schedule, weight_decay=0.1, mask=mask)
 
     return {
-        "plain": chain(),
-        "apply_if_finite": optax.apply_if_finite(chain(), max_consecutive_errors=10),
+        "plain": plain(),
+        "clip_adamw": optax.chain(
+            optax.clip_by_global_norm(1.0),
+            optax.adamw(schedule, b2=0.95, weight_decay=0.1, mask=mask),
+        ),
+        "apply_if_finite": optax.apply_if_finite(plain(), max_consecutive_errors=10),
         "stable_adamw": optim.stable_adamw(lr, warmup_steps=cfg.warmup, total_steps=cfg.steps),
     }
 
@@ -146,7 +154,7 @@ def scenario_faults(name: str, cfg: Config) -> dict[int, float]:
 
 
 SCENARIOS = ("none", "nan_batch", "nan_shard", "scaled_1000x", "high_lr")
-HIGH_LR_FACTOR = 100.0
+LR_MULTIPLIERS = (3.0, 10.0, 30.0, 100.0)
 SURVIVAL_RATIO = 1.25
 
 
@@ -184,6 +192,21 @@ def make_runner(model, tx, evals, cfg: Config):
     return run
 
 
+def _cell(r: dict, show_pct: bool) -> str:
+    loss = f"{r['final_loss']:.4f}" if math.isfinite(r["final_loss"]) else "nan"
+    tag = "survived" if r["survived"] else "**failed**"
+    extra = f" ({100 * r['vs_fault_free']:+.1f}%)" if show_pct and r["survived"] else ""
+    if "skipped" in r:
+        extra += f", {r['skipped']} skipped"
+    return f"{loss} {tag}{extra}"
+
+
+def _judge(r: dict, base: float) -> None:
+    ok = math.isfinite(r["final_loss"]) and r["final_loss"] <= SURVIVAL_RATIO * base
+    r["survived"] = bool(ok)
+    r["vs_fault_free"] = r["final_loss"] / base - 1.0 if ok else None
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short run (< 60 s on 2 CPU cores)")
@@ -193,16 +216,29 @@ def main(argv: list[str] | None = None) -> dict:
         default=",".join(SCENARIOS),
         help="comma-separated subset of " + str(SCENARIOS),
     )
+    parser.add_argument(
+        "--lr-multipliers",
+        default=None,
+        help="peak-lr multipliers swept fault-free for high_lr (default "
+        + ",".join(f"{m:g}" for m in LR_MULTIPLIERS)
+        + "; 100 with --quick)",
+    )
     args = parser.parse_args(argv)
     scenarios = ["none"] + [s for s in args.scenarios.split(",") if s and s != "none"]
     unknown = sorted(set(scenarios) - set(SCENARIOS))
     if unknown:
         parser.error(f"unknown scenario(s) {unknown}; choose from {SCENARIOS}")
     cfg = Config()
+    multipliers = LR_MULTIPLIERS
     if args.quick:
         cfg = Config(steps=120, batch=16, seq=32, d_model=32, warmup=12, eval_batches=4)
+        multipliers = (100.0,)
     if args.steps is not None:
         cfg = Config(**{**cfg.__dict__, "steps": args.steps, "warmup": max(1, args.steps // 20)})
+    if args.lr_multipliers:
+        multipliers = tuple(sorted(float(m) for m in args.lr_multipliers.split(",")))
+    if "high_lr" not in scenarios:
+        multipliers = ()
 
     t0 = time.perf_counter()
     probs, entropy = markov_chain()
@@ -211,26 +247,36 @@ def main(argv: list[str] | None = None) -> dict:
     model = TinyLM(cfg)
     params = model.init(jax.random.key(0), data[0, :, :-1])
 
-    runners = {}
-    factors = (1.0, HIGH_LR_FACTOR) if "high_lr" in scenarios else (1.0,)
-    for factor in factors:
-        for name, tx in make_optimizers(cfg, cfg.lr * factor).items():
-            runners[factor, name] = make_runner(model, tx, evals, cfg)
     results: dict[str, dict[str, dict]] = {}
+    runners = {
+        name: make_runner(model, tx, evals, cfg)
+        for name, tx in make_optimizers(cfg, cfg.lr).items()
+    }
     for scenario in scenarios:
-        factor = HIGH_LR_FACTOR if scenario == "high_lr" else 1.0
+        if scenario == "high_lr":
+            continue
         faults = scenario_faults(scenario, cfg)
-        for (f, name), run in runners.items():
-            if f == factor:
-                results.setdefault(scenario, {})[name] = run(params, data, faults)
-
+        results[scenario] = {name: run(params, data, faults) for name, run in runners.items()}
     names = list(results["none"])
+    base = {name: r["final_loss"] for name, r in results["none"].items()}
     for row in results.values():
         for name, r in row.items():
-            base = results["none"][name]["final_loss"]
-            ok = math.isfinite(r["final_loss"]) and r["final_loss"] <= SURVIVAL_RATIO * base
-            r["survived"] = bool(ok)
-            r["vs_fault_free"] = r["final_loss"] / base - 1.0 if ok else None
+            _judge(r, base[name])
+
+    # The sweep: every optimizer fault-free at each multiplier of the tuned peak lr;
+    # high_lr is the smallest multiplier at which plain optax fails.
+    sweep: dict[float, dict[str, dict]] = {}
+    for factor in multipliers:
+        row = {}
+        for name, tx in make_optimizers(cfg, cfg.lr * factor).items():
+            row[name] = make_runner(model, tx, evals, cfg)(params, data, {})
+            _judge(row[name], base[name])
+        sweep[factor] = row
+    high_lr_factor = None
+    if sweep:
+        failing = [f for f, row in sweep.items() if not row["plain"]["survived"]]
+        high_lr_factor = min(failing) if failing else max(sweep)
+        results["high_lr"] = sweep[high_lr_factor]
     elapsed = time.perf_counter() - t0
 
     print(
@@ -238,22 +284,32 @@ def main(argv: list[str] | None = None) -> dict:
         f"{cfg.layers} layers; entropy rate of the data {entropy:.3f} nats; "
         f"uniform guess {math.log(VOCAB):.3f}; {elapsed:.0f} s\n"
     )
+    if sweep:
+        print("Fault-free sweep of the peak learning rate (% to each optimizer's 1x loss):\n")
+        print("| peak lr | " + " | ".join(names) + " |")
+        print("|---" * (len(names) + 1) + "|")
+        print("| 1x | " + " | ".join(_cell(results["none"][n], False) for n in names) + " |")
+        for factor, row in sweep.items():
+            print(f"| {factor:g}x | " + " | ".join(_cell(row[n], True) for n in names) + " |")
+        if sweep[high_lr_factor]["plain"]["survived"]:
+            why = "plain survives every multiplier swept, so the largest is used"
+        else:
+            why = "the smallest multiplier at which plain fails"
+        print(f"\nhigh_lr = {high_lr_factor:g}x: {why}\n")
     print("| fault | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
     for scenario, row in results.items():
-        cells = []
-        for name in names:
-            r = row[name]
-            loss = f"{r['final_loss']:.4f}" if math.isfinite(r["final_loss"]) else "nan"
-            tag = "survived" if r["survived"] else "**failed**"
-            extra = ""
-            if scenario != "none" and r["survived"]:
-                extra = f" ({100 * r['vs_fault_free']:+.1f}%)"
-            if "skipped" in r:
-                extra += f", {r['skipped']} skipped"
-            cells.append(f"{loss} {tag}{extra}")
-        print(f"| {scenario} | " + " | ".join(cells) + " |")
-    return {"config": cfg.__dict__, "entropy": entropy, "results": results, "seconds": elapsed}
+        label = f"high_lr ({high_lr_factor:g}x)" if scenario == "high_lr" else scenario
+        cells = [_cell(row[n], scenario != "none") for n in names]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    return {
+        "config": cfg.__dict__,
+        "entropy": entropy,
+        "results": results,
+        "sweep": sweep,
+        "high_lr_factor": high_lr_factor,
+        "seconds": elapsed,
+    }
 
 
 if __name__ == "__main__":

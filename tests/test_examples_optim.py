@@ -20,17 +20,42 @@ def example():
 
 
 def test_short_run_table(example, capsys):
-    out = example.main(["--quick", "--steps", "48", "--scenarios", "nan_batch,nan_shard"])
+    out = example.main(
+        ["--quick", "--steps", "48", "--scenarios", "nan_batch,nan_shard,scaled_1000x"]
+    )
     table = capsys.readouterr().out
     results = out["results"]
-    assert set(results) == {"none", "nan_batch", "nan_shard"}
-    for scenario in ("nan_batch", "nan_shard"):
+    assert set(results) == {"none", "nan_batch", "nan_shard", "scaled_1000x"}
+    assert out["sweep"] == {} and out["high_lr_factor"] is None
+    for row in results.values():
+        assert list(row) == ["plain", "clip_adamw", "apply_if_finite", "stable_adamw"]
+    for scenario in ("nan_batch", "nan_shard", "scaled_1000x"):
         stable = results[scenario]["stable_adamw"]
         assert stable["survived"] and math.isfinite(stable["final_loss"])
-        assert not results[scenario]["plain"]["survived"]  # optax's clip turns NaN into NaN
+    for scenario in ("nan_batch", "nan_shard"):
+        # optax.adamw, with or without optax's clip, writes the NaN into the parameters.
+        assert not results[scenario]["plain"]["survived"]
+        assert not results[scenario]["clip_adamw"]["survived"]
+    assert results["nan_batch"]["apply_if_finite"]["survived"]
     # 12 NaN batches in a row: more than apply_if_finite's 10, so it gives up.
     assert not results["nan_shard"]["apply_if_finite"]["survived"]
     assert results["nan_shard"]["stable_adamw"]["skipped"] == 12
     assert "| nan_shard |" in table and "survived" in table.split("| nan_shard |")[1]
     # stable_adamw learned: well below the uniform guess.
     assert results["none"]["stable_adamw"]["final_loss"] < 0.9 * math.log(example.VOCAB)
+
+
+def test_high_lr_is_the_smallest_multiplier_where_plain_fails(example, capsys):
+    out = example.main(
+        ["--quick", "--steps", "24", "--scenarios", "high_lr", "--lr-multipliers", "1,1000"]
+    )
+    table = capsys.readouterr().out
+    sweep = out["sweep"]
+    assert list(sweep) == [1.0, 1000.0]
+    # The tuned rate reproduces the fault-free run; 1000x breaks plain optax.
+    base = out["results"]["none"]["plain"]["final_loss"]
+    assert sweep[1.0]["plain"]["final_loss"] == pytest.approx(base, rel=1e-6)
+    assert sweep[1.0]["plain"]["survived"] and not sweep[1000.0]["plain"]["survived"]
+    assert out["high_lr_factor"] == 1000.0
+    assert out["results"]["high_lr"] is sweep[1000.0]
+    assert "| high_lr (1000x) |" in table and "| 1000x |" in table
