@@ -14,7 +14,8 @@ on matrices:
   optax.adamw(schedule, b2=0.95, ...))``, i.e. :func:`stable_adamw`'s recipe
   without the guard, to show what clipping alone does;
 * ``apply_if_finite``: ``optax.apply_if_finite(plain, 10)``;
-* ``stable_adamw``: :func:`stablejax.optim.stable_adamw` with its defaults.
+* ``stable_adamw``: :func:`stablejax.optim.stable_adamw` with its defaults
+  (``--max-update-ratio 0.01`` passes that option to it).
 
 Faults (one per scenario; "none" is the fault-free baseline):
 
@@ -33,6 +34,7 @@ the fault-free loss is printed for every surviving run. Usage::
 
     python examples/train_lm_faults.py            # full run (about 17 minutes on 2 CPU cores)
     python examples/train_lm_faults.py --quick    # short run, under a minute
+    python examples/train_lm_faults.py --max-update-ratio 0.01   # stable_adamw with the bound
 """
 
 from __future__ import annotations
@@ -122,7 +124,9 @@ def sample_batches(probs: np.ndarray, n: int, cfg: Config, seed: int) -> np.ndar
     return out
 
 
-def make_optimizers(cfg: Config, lr: float) -> dict[str, optax.GradientTransformation]:
+def make_optimizers(
+    cfg: Config, lr: float, max_update_ratio: float | None = None
+) -> dict[str, optax.GradientTransformation]:
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, cfg.warmup, cfg.steps, lr * 0.1)
     mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
 
@@ -136,7 +140,9 @@ def make_optimizers(cfg: Config, lr: float) -> dict[str, optax.GradientTransform
             optax.adamw(schedule, b2=0.95, weight_decay=0.1, mask=mask),
         ),
         "apply_if_finite": optax.apply_if_finite(plain(), max_consecutive_errors=10),
-        "stable_adamw": optim.stable_adamw(lr, warmup_steps=cfg.warmup, total_steps=cfg.steps),
+        "stable_adamw": optim.stable_adamw(
+            lr, warmup_steps=cfg.warmup, total_steps=cfg.steps, max_update_ratio=max_update_ratio
+        ),
     }
 
 
@@ -223,6 +229,12 @@ def main(argv: list[str] | None = None) -> dict:
         + ",".join(f"{m:g}" for m in LR_MULTIPLIERS)
         + "; 100 with --quick)",
     )
+    parser.add_argument(
+        "--max-update-ratio",
+        type=float,
+        default=None,
+        help="pass max_update_ratio to stable_adamw (default: its default, None)",
+    )
     args = parser.parse_args(argv)
     scenarios = ["none"] + [s for s in args.scenarios.split(",") if s and s != "none"]
     unknown = sorted(set(scenarios) - set(SCENARIOS))
@@ -250,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, dict[str, dict]] = {}
     runners = {
         name: make_runner(model, tx, evals, cfg)
-        for name, tx in make_optimizers(cfg, cfg.lr).items()
+        for name, tx in make_optimizers(cfg, cfg.lr, args.max_update_ratio).items()
     }
     for scenario in scenarios:
         if scenario == "high_lr":
@@ -268,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
     sweep: dict[float, dict[str, dict]] = {}
     for factor in multipliers:
         row = {}
-        for name, tx in make_optimizers(cfg, cfg.lr * factor).items():
+        for name, tx in make_optimizers(cfg, cfg.lr * factor, args.max_update_ratio).items():
             row[name] = make_runner(model, tx, evals, cfg)(params, data, {})
             _judge(row[name], base[name])
         sweep[factor] = row
@@ -282,7 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"\n{cfg.steps} steps, batch {cfg.batch}x{cfg.seq}, d_model {cfg.d_model}, "
         f"{cfg.layers} layers; entropy rate of the data {entropy:.3f} nats; "
-        f"uniform guess {math.log(VOCAB):.3f}; {elapsed:.0f} s\n"
+        f"uniform guess {math.log(VOCAB):.3f}; stable_adamw max_update_ratio="
+        f"{args.max_update_ratio}; {elapsed:.0f} s\n"
     )
     if sweep:
         print("Fault-free sweep of the peak learning rate (% to each optimizer's 1x loss):\n")

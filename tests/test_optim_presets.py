@@ -75,6 +75,10 @@ def test_weight_decay_only_on_matrices():
     np.testing.assert_allclose(u["w"], -0.5, rtol=1e-6)
 
 
+def _ratio(value):
+    return optim.stable_adamw(1e-3, warmup_steps=1, total_steps=10, max_update_ratio=value)
+
+
 BAD = [
     (lambda: optim.guard(optax.sgd(1.0), on_give_up="explode"), "on_give_up='explode'"),
     (lambda: optim.guard(optax.sgd(1.0), spike_threshold=-1.0), "spike_threshold"),
@@ -97,6 +101,10 @@ BAD = [
     (lambda: optim.stable_adamw(1e-3, warmup_steps=1, total_steps=10, clip=0.0), "clip"),
     (lambda: optim.stable_adamw(1e-3, warmup_steps=1, total_steps=10, b2=1.0), "b2"),
     (lambda: optim.stable_adamw(1e-3, warmup_steps=1, total_steps=10, weight_decay=-1), "weight"),
+    (lambda: _ratio(0.0), "max_update_ratio=0.0"),
+    (lambda: _ratio(-0.1), "max_update_ratio=-0.1"),
+    (lambda: _ratio(float("nan")), "max_update_ratio=nan"),
+    (lambda: _ratio(float("inf")), "max_update_ratio=inf"),
 ]
 
 
@@ -105,6 +113,72 @@ def test_bad_settings_raise_at_construction(build, name):
     with pytest.raises(ValueError, match=name.replace("(", r"\(")) as err:
         build()
     assert "stablejax.optim" in str(err.value)
+
+
+def _leaf_norms(tree):
+    return [float(jnp.linalg.norm(x.ravel())) for x in jax.tree.leaves(tree)]
+
+
+def test_update_ratio_bound_holds_at_a_huge_learning_rate():
+    ratio = 0.05
+    tx = optim.stable_adamw(1e3, warmup_steps=0, total_steps=50, max_update_ratio=ratio)
+    x = jax.random.normal(jax.random.key(0), (32, 3))
+    y = jnp.tanh(x @ jnp.array([[1.0], [-2.0], [0.5]]))
+    params = {"w": jax.random.normal(jax.random.key(1), (3, 1)), "b": jnp.zeros(1)}
+    state = tx.init(params)
+
+    def loss_fn(p):
+        return jnp.mean(jnp.square(jnp.tanh(x @ p["w"] + p["b"][None, :]) - y))
+
+    @jax.jit
+    def step(p, s):
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        u, s = tx.update(g, s, p, loss=loss)
+        return optax.apply_updates(p, u), s, u
+
+    for _ in range(30):
+        new_params, state, u = step(params, state)
+        for un, wn in zip(_leaf_norms(u), _leaf_norms(params)):
+            assert un <= ratio * max(wn, 1e-3) * (1 + 1e-5)
+        params = new_params
+    assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(params))
+    # Without the bound the same rate moves the weights by ~1e3 in one step.
+    loose = optim.stable_adamw(1e3, warmup_steps=0, total_steps=50)
+    p0 = {"w": jnp.ones((3, 1)), "b": jnp.zeros(1)}
+    g0 = jax.grad(loss_fn)(p0)
+    s0 = loose.init(p0)
+    _, s0 = loose.update(g0, s0, p0)  # step 0 of the schedule
+    u0, _ = loose.update(g0, s0, p0)
+    assert max(_leaf_norms(u0)) > 100
+
+
+def test_update_ratio_keeps_a_refused_step_exactly_zero():
+    tx = optim.stable_adamw(10.0, warmup_steps=0, total_steps=20, max_update_ratio=0.01)
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for _ in range(3):
+        _, state = update(jax.tree.map(jnp.ones_like, params), state, params)
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        grads = {"w": jnp.full((3, 2), bad), "b": jnp.ones(2)}
+        u, state = update(grads, state, params)
+        for leaf in jax.tree.leaves(u):
+            assert (np.asarray(leaf) == 0).all()
+
+
+def test_update_ratio_is_finite_at_zero_params():
+    ratio = 0.01
+    tx = optim.stable_adamw(10.0, warmup_steps=0, total_steps=20, max_update_ratio=ratio)
+    params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for grads in (jax.tree.map(jnp.ones_like, params), jax.tree.map(jnp.zeros_like, params)):
+        _, state = update(grads, state, params)  # the first step has lr(0) = 0
+        u, state = update(grads, state, params)
+        for leaf in jax.tree.leaves(u):
+            assert np.isfinite(np.asarray(leaf)).all()
+        # A zero leaf's update is bounded by ratio * eps (eps = 1e-3).
+        assert max(_leaf_norms(u)) <= ratio * 1e-3 * (1 + 1e-5)
 
 
 def test_wrong_types_raise_type_error():
