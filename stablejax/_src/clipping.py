@@ -293,8 +293,8 @@ def adaptive_clip(
       arXiv:2504.02507, 2025.
     """
     z_threshold = validation.check_positive("z_threshold", z_threshold, _WHERE_ADAPTIVE)
-    check_unit_interval("decay", decay, _WHERE_ADAPTIVE)
-    check_count("warmup_steps", warmup_steps, _WHERE_ADAPTIVE, minimum=1)
+    validation.check_unit_interval("decay", decay, _WHERE_ADAPTIVE)
+    validation.check_count("warmup_steps", warmup_steps, _WHERE_ADAPTIVE, minimum=1)
 
     def init_fn(params):
         del params
@@ -331,22 +331,3 @@ def adaptive_clip(
         return out, new
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-def check_unit_interval(name: str, value: float, where: str) -> float:
-    """Raises ``ValueError`` unless ``0 < value < 1``."""
-    validation.check_positive(name, value, where)
-    if value >= 1:
-        raise ValueError(f"{where}: `{name}` must be in (0, 1), got {value!r}; e.g. {name}=0.5.")
-    return float(value)
-
-
-def check_count(name: str, value: int, where: str, minimum: int = 0) -> int:
-    """Raises ``ValueError`` unless ``value`` is an int ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{where}: `{name}` must be an int, got {value!r}.")
-    if value < minimum:
-        raise ValueError(
-            f"{where}: `{name}` must be >= {minimum}, got {value!r}; e.g. {name}={max(minimum, 1)}."
-        )
-    return value

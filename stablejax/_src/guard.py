@@ -174,16 +174,16 @@ def guard(
             "later step) or 'reset' (re-initialise the inner state and carry on)."
         )
     if max_consecutive_skips is not None:
-        clipping.check_count("max_consecutive_skips", max_consecutive_skips, _WHERE, minimum=1)
+        validation.check_count("max_consecutive_skips", max_consecutive_skips, _WHERE, minimum=1)
     if spike_threshold is not None:
         spike_threshold = validation.check_positive("spike_threshold", spike_threshold, _WHERE)
     if loss_spike_threshold is not None:
         validation.check_positive("loss_spike_threshold", loss_spike_threshold, _WHERE)
-    clipping.check_count("spike_warmup", spike_warmup, _WHERE, minimum=2)
-    clipping.check_unit_interval("stats_decay", stats_decay, _WHERE)
+    validation.check_count("spike_warmup", spike_warmup, _WHERE, minimum=2)
+    validation.check_unit_interval("stats_decay", stats_decay, _WHERE)
     if lr_backoff is not None:
-        clipping.check_unit_interval("lr_backoff", lr_backoff, _WHERE)
-    clipping.check_count("lr_recovery_steps", lr_recovery_steps, _WHERE, minimum=1)
+        validation.check_unit_interval("lr_backoff", lr_backoff, _WHERE)
+    validation.check_count("lr_recovery_steps", lr_recovery_steps, _WHERE, minimum=1)
     validation.check_positive("min_lr_scale", min_lr_scale, _WHERE)
     if min_lr_scale > 1:
         raise ValueError(f"{_WHERE}: `min_lr_scale` must be <= 1, got {min_lr_scale!r}.")

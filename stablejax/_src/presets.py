@@ -176,8 +176,8 @@ def stable_adamw(
       (True, 1)
     """
     validation.check_positive("learning_rate", learning_rate, _WHERE)
-    clipping.check_count("warmup_steps", warmup_steps, _WHERE, minimum=0)
-    clipping.check_count("total_steps", total_steps, _WHERE, minimum=1)
+    validation.check_count("warmup_steps", warmup_steps, _WHERE, minimum=0)
+    validation.check_count("total_steps", total_steps, _WHERE, minimum=1)
     if total_steps <= warmup_steps:
         raise ValueError(
             f"{_WHERE}: total_steps={total_steps!r} must exceed warmup_steps={warmup_steps!r}; "
@@ -186,8 +186,8 @@ def stable_adamw(
     validation.check_nonnegative("weight_decay", weight_decay, _WHERE)
     if clip is not None:
         validation.check_positive("clip", clip, _WHERE)
-    clipping.check_unit_interval("b1", b1, _WHERE)
-    clipping.check_unit_interval("b2", b2, _WHERE)
+    validation.check_unit_interval("b1", b1, _WHERE)
+    validation.check_unit_interval("b2", b2, _WHERE)
     validation.check_positive("eps", eps, _WHERE)
     validation.check_nonnegative("end_lr_ratio", end_lr_ratio, _WHERE)
     if end_lr_ratio > 1:

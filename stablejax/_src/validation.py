@@ -84,3 +84,22 @@ def check_positive(name: str, value: float, where: str) -> float:
     if value == 0:
         raise ValueError(f"{where}: `{name}` must be > 0, got {value!r}.")
     return float(value)
+
+
+def check_unit_interval(name: str, value: float, where: str) -> float:
+    """Raises ``ValueError`` unless ``0 < value < 1``."""
+    check_positive(name, value, where)
+    if value >= 1:
+        raise ValueError(f"{where}: `{name}` must be in (0, 1), got {value!r}; e.g. {name}=0.5.")
+    return float(value)
+
+
+def check_count(name: str, value: int, where: str, minimum: int = 0) -> int:
+    """Raises ``ValueError`` unless ``value`` is an int ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{where}: `{name}` must be an int, got {value!r}.")
+    if value < minimum:
+        raise ValueError(
+            f"{where}: `{name}` must be >= {minimum}, got {value!r}; e.g. {name}={max(minimum, 1)}."
+        )
+    return value
