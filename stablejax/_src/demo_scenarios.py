@@ -78,6 +78,14 @@ def _regression(steps: int, seed: int, features: int = 16) -> list[Batch]:
     return out
 
 
+def _classifier_recipes(model_cls, batches: list[Batch]) -> tuple[list[Batch], Recipe, Recipe]:
+    """Naive and fixed (``safe=True``) classifiers from the same initial params, Adam 1e-2."""
+    naive_model, fixed_model = model_cls(), model_cls(safe=True)
+    params = _init(naive_model, batches[0], "x")
+    tx = optax.adam(1e-2)
+    return batches, Recipe(_xent(naive_model), tx, params), Recipe(_xent(fixed_model), tx, params)
+
+
 def _explosion(steps: int) -> tuple[list[Batch], Recipe, Recipe]:
     batches = _regression(steps, seed=1)
     model = models.DeepMLP()
@@ -100,14 +108,7 @@ def _zero_norm(steps: int) -> tuple[list[Batch], Recipe, Recipe]:
         if i >= steps // 3 and i % 7 == 0:
             counts[5] = 0.0  # an empty document
         batches.append({"x": counts, "y": y.astype(np.int32)})
-    naive_model, fixed_model = models.DocClassifier(), models.DocClassifier(safe=True)
-    params = _init(naive_model, batches[0], "x")
-    tx = optax.adam(1e-2)
-    return (
-        batches,
-        Recipe(_xent(naive_model), tx, params),
-        Recipe(_xent(fixed_model), tx, params),
-    )
+    return _classifier_recipes(models.DocClassifier, batches)
 
 
 def _silent_std(steps: int) -> tuple[list[Batch], Recipe, Recipe]:
@@ -123,14 +124,7 @@ def _silent_std(steps: int) -> tuple[list[Batch], Recipe, Recipe]:
         if i >= steps // 3 and i % 5 == 0:
             x[2] = 0.0  # a silent utterance
         batches.append({"x": x, "y": y.astype(np.int32)})
-    naive_model, fixed_model = models.SpeakerNet(), models.SpeakerNet(safe=True)
-    params = _init(naive_model, batches[0], "x")
-    tx = optax.adam(1e-2)
-    return (
-        batches,
-        Recipe(_xent(naive_model), tx, params),
-        Recipe(_xent(fixed_model), tx, params),
-    )
+    return _classifier_recipes(models.SpeakerNet, batches)
 
 
 def _sqrt_loss(steps: int) -> tuple[list[Batch], Recipe, Recipe]:
