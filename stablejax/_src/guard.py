@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Literal, NamedTuple
 
 import jax
+import jax.extend.core as jex_core
 import jax.numpy as jnp
 import optax
 from jax import lax
@@ -260,18 +261,32 @@ def guard(
         # jnp.where: the selects fuse into the optimizer's own elementwise loops,
         # where a lax.cond would materialise the update and break that fusion.
         # A refused step's NaN arithmetic is discarded, never multiplied by 0.
-        with clipping.shared_norm(leaves, norm):
-            new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+        def inner_update():
+            with clipping.shared_norm(leaves, norm):
+                return inner.update(updates, state.inner_state, params, **extra_args)
+
+        old_leaves = jax.tree.leaves(state.inner_state)
+        fresh_leaves = None
+        if on_give_up == "reset" and max_consecutive_skips is not None:
+            fresh = inner.init(params if params is not None else updates)
+            jax.tree.map(lambda f, o: None, fresh, state.inner_state)  # same structure
+            fresh_leaves = jax.tree.leaves(fresh)
+
+        def choose(i, new):
+            kept = old_leaves[i]
+            if fresh_leaves is not None:  # a reset is always a refused step
+                kept = jnp.where(reset, jnp.asarray(fresh_leaves[i], kept.dtype), kept)
+            # The select reading `new` comes last: XLA then keeps the selected leaf
+            # as one loop that its readers share (after a select of a broadcast
+            # constant it would copy the whole chain into each of them instead).
+            return jnp.where(skip, kept, new)
+
+        new_updates, new_inner = _update_reading_selected_state(
+            inner_update, state.inner_state, choose
+        )
         if lr_backoff is not None:
             new_updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), new_updates)
         new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
-        new_inner = jax.tree.map(lambda n, o: jnp.where(skip, o, n), new_inner, state.inner_state)
-        if on_give_up == "reset" and max_consecutive_skips is not None:
-            template = params if params is not None else updates
-            fresh = inner.init(template)
-            new_inner = jax.tree.map(
-                lambda f, o: jnp.where(reset, jnp.asarray(f, o.dtype), o), fresh, new_inner
-            )
 
         # Running statistics over accepted steps only; a refused step leaves them bitwise as is.
         count = state.norm_count + 1
@@ -325,3 +340,71 @@ def guard(
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _update_reading_selected_state(inner_update, old_state, choose):
+    """Runs ``inner_update()`` with every new state leaf replaced, as soon as it is
+    computed, by ``choose(i, new)`` (the guard's select of flat leaf ``i``: the
+    old leaf on a refused step, the fresh one on a reset); returns
+    ``(updates, new_state)``.
+
+    Selecting after the fact, the updates read the *unselected* new moments
+    while the state outputs are the selected ones, so XLA computes Adam's
+    moments twice (once in the select that writes them, once in the loop that
+    writes the parameters) and the parameter loop reads the old moments: two
+    extra passes over them, and with donated buffers a copy of each, since the
+    old moments are overwritten in place before that loop runs. Here every later
+    use reads the selected leaf, exactly as the plain chain reads its new state.
+    On an accepted step the selected leaf *is* the new one, bit for bit; on a
+    refused step every output is replaced by a select anyway (the updates by
+    exact zeros, the state by the old or fresh state), so the results are
+    unchanged. A second select on an already selected leaf would undo this (XLA
+    does not fold the pair and copies the first into its readers again).
+
+    The inner update is traced once to a jaxpr and its equations bound in order,
+    which inlines into the enclosing trace like the direct call. A leaf the
+    substitution cannot reach (an input passed through, a constant, a value
+    that is also another leaf, another shape) is selected after the fact.
+    """
+    closed, out_shape = jax.make_jaxpr(inner_update, return_shape=True)()
+    jaxpr = closed.jaxpr
+    out_tree = jax.tree.structure(out_shape)
+    n_updates = len(jax.tree.leaves(out_shape[0]))
+    old_leaves = jax.tree.leaves(old_state)
+    state_vars = jaxpr.outvars[n_updates:]
+    if len(state_vars) != len(old_leaves):  # a structure mismatch: let tree.map say so
+        _, new_state = jax.tree.unflatten(out_tree, jex_core.jaxpr_as_fun(closed)())
+        jax.tree.map(lambda n, o: None, new_state, old_state)
+    produced = {v for eqn in jaxpr.eqns for v in eqn.outvars}
+    count: dict[Any, int] = {}
+    for v in state_vars:
+        if isinstance(v, jex_core.Var):
+            count[v] = count.get(v, 0) + 1
+    index: dict[Any, int] = {}
+    for i, (v, old) in enumerate(zip(state_vars, old_leaves)):
+        if isinstance(v, jex_core.Var) and v in produced and count[v] == 1:
+            old = jnp.asarray(old)
+            if old.shape == v.aval.shape and old.dtype == v.aval.dtype:
+                index[v] = i
+
+    env: dict[Any, Any] = {}
+
+    def read(v):
+        return v.val if isinstance(v, jex_core.Literal) else env[v]
+
+    def write(v, value):
+        env[v] = choose(index[v], value) if v in index else value
+
+    for v, c in zip(jaxpr.constvars, closed.consts):
+        env[v] = c
+    for eqn in jaxpr.eqns:
+        params = eqn.primitive.get_bind_params(eqn.params)
+        with eqn.ctx.manager:
+            out = eqn.primitive.bind(*map(read, eqn.invars), **params)
+        for v, value in zip(eqn.outvars, out if eqn.primitive.multiple_results else [out]):
+            write(v, value)
+    out = [read(v) for v in jaxpr.outvars]
+    for i, v in enumerate(state_vars):
+        if not (isinstance(v, jex_core.Var) and v in index):
+            out[n_updates + i] = choose(i, out[n_updates + i])
+    return jax.tree.unflatten(out_tree, out)

@@ -1,0 +1,63 @@
+"""guard's compiled step makes the same passes over parameter-sized buffers as the plain chain.
+
+Counted on the XLA:CPU module: reads and writes of full-size buffers by the
+top-level instructions of the entry computation, and copies of full-size
+buffers (which donation brings in when a loop still reads an overwritten input).
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from stablejax import optim
+
+SHAPE = (128, 512)  # 64K elements: the "full-size" threshold below
+BIG = SHAPE[0] * SHAPE[1]
+
+
+def traffic(tx, donate: bool) -> dict:
+    params = {f"l{i}": {"w": jnp.ones(SHAPE), "b": jnp.zeros(SHAPE[1:])} for i in range(3)}
+    grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params)
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    jitted = jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    text = jitted.lower(params, tx.init(params), grads).compile().as_text()
+    lines = text.splitlines()
+    entry = lines[next(i for i, ln in enumerate(lines) if ln.startswith("ENTRY")) + 1 :]
+    pattern = re.compile(r"^\s*(?:ROOT )?%(\S+) = \w+\[([\d,]*)\]\S* ([\w-]+)\((.*)")
+    sizes, out = {}, {"reads": 0, "writes": 0, "copies": 0}
+    for line in entry:
+        m = pattern.match(line)
+        if not m:
+            continue
+        name, dims, op, rest = m.groups()
+        size = 1
+        for d in filter(None, dims.split(",")):
+            size *= int(d)
+        sizes[name] = size
+        if op in ("parameter", "constant", "bitcast", "get-tuple-element", "tuple"):
+            continue
+        operands = set(re.findall(r"%([\w.\-]+)", rest.split("), ")[0]))
+        out["reads"] += sum(sizes.get(o, 0) >= BIG for o in operands)
+        out["writes"] += size >= BIG
+        out["copies"] += op == "copy" and size >= BIG
+    return out
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="counts XLA:CPU fusions")
+@pytest.mark.parametrize("donate", [False, True])
+@pytest.mark.parametrize("on_give_up", ["halt", "reset"])
+def test_guard_adds_no_pass_over_the_moments(donate, on_give_up):
+    plain = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    guarded = optim.guard(
+        optax.chain(optim.clip_by_global_norm(1.0), optax.adamw(1e-3)), on_give_up=on_give_up
+    )
+    base, ours = traffic(plain, donate), traffic(guarded, donate)
+    assert ours["copies"] == 0
+    assert ours["reads"] <= base["reads"] and ours["writes"] <= base["writes"], (ours, base)
