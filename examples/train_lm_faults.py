@@ -15,7 +15,9 @@ on matrices:
   without the guard, to show what clipping alone does;
 * ``apply_if_finite``: ``optax.apply_if_finite(plain, 10)``;
 * ``stable_adamw``: :func:`stablejax.optim.stable_adamw` with its defaults
-  (``--max-update-ratio 0.01`` passes that option to it).
+  (guard, clip, b2=0.95, and :func:`stablejax.optim.overshoot_control`, which
+  needs the ``loss=`` this loop passes; ``--no-overshoot`` turns the latter off
+  and ``--max-update-ratio 0.01`` passes that option).
 
 Faults (one per scenario; "none" is the fault-free baseline):
 
@@ -35,6 +37,7 @@ the fault-free loss is printed for every surviving run. Usage::
     python examples/train_lm_faults.py            # full run (about 17 minutes on 2 CPU cores)
     python examples/train_lm_faults.py --quick    # short run, under a minute
     python examples/train_lm_faults.py --max-update-ratio 0.01   # stable_adamw with the bound
+    python examples/train_lm_faults.py --no-overshoot   # stable_adamw(overshoot=False)
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ def sample_batches(probs: np.ndarray, n: int, cfg: Config, seed: int) -> np.ndar
 
 
 def make_optimizers(
-    cfg: Config, lr: float, max_update_ratio: float | None = None
+    cfg: Config, lr: float, max_update_ratio: float | None = None, overshoot: bool = True
 ) -> dict[str, optax.GradientTransformation]:
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, cfg.warmup, cfg.steps, lr * 0.1)
     mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
@@ -141,7 +144,11 @@ def make_optimizers(
         ),
         "apply_if_finite": optax.apply_if_finite(plain(), max_consecutive_errors=10),
         "stable_adamw": optim.stable_adamw(
-            lr, warmup_steps=cfg.warmup, total_steps=cfg.steps, max_update_ratio=max_update_ratio
+            lr,
+            warmup_steps=cfg.warmup,
+            total_steps=cfg.steps,
+            max_update_ratio=max_update_ratio,
+            overshoot=overshoot,
         ),
     }
 
@@ -191,6 +198,8 @@ def make_runner(model, tx, evals, cfg: Config):
         try:
             m = optim.metrics(state)
             out.update(skipped=int(m["skipped_total"]), give_ups=int(m["give_ups"]))
+            if "overshoots" in m:
+                out["overshoots"] = int(m["overshoots"])
         except ValueError:
             pass
         return out
@@ -204,6 +213,8 @@ def _cell(r: dict, show_pct: bool) -> str:
     extra = f" ({100 * r['vs_fault_free']:+.1f}%)" if show_pct and r["survived"] else ""
     if "skipped" in r:
         extra += f", {r['skipped']} skipped"
+    if r.get("overshoots"):
+        extra += f", {r['overshoots']} overshoots"
     return f"{loss} {tag}{extra}"
 
 
@@ -235,6 +246,11 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="pass max_update_ratio to stable_adamw (default: its default, None)",
     )
+    parser.add_argument(
+        "--no-overshoot",
+        action="store_true",
+        help="stable_adamw(overshoot=False): without the loss-feedback step control",
+    )
     args = parser.parse_args(argv)
     scenarios = ["none"] + [s for s in args.scenarios.split(",") if s and s != "none"]
     unknown = sorted(set(scenarios) - set(SCENARIOS))
@@ -259,10 +275,11 @@ def main(argv: list[str] | None = None) -> dict:
     model = TinyLM(cfg)
     params = model.init(jax.random.key(0), data[0, :, :-1])
 
+    tx_options = (args.max_update_ratio, not args.no_overshoot)
     results: dict[str, dict[str, dict]] = {}
     runners = {
         name: make_runner(model, tx, evals, cfg)
-        for name, tx in make_optimizers(cfg, cfg.lr, args.max_update_ratio).items()
+        for name, tx in make_optimizers(cfg, cfg.lr, *tx_options).items()
     }
     for scenario in scenarios:
         if scenario == "high_lr":
@@ -280,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
     sweep: dict[float, dict[str, dict]] = {}
     for factor in multipliers:
         row = {}
-        for name, tx in make_optimizers(cfg, cfg.lr * factor, args.max_update_ratio).items():
+        for name, tx in make_optimizers(cfg, cfg.lr * factor, *tx_options).items():
             row[name] = make_runner(model, tx, evals, cfg)(params, data, {})
             _judge(row[name], base[name])
         sweep[factor] = row
@@ -295,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"\n{cfg.steps} steps, batch {cfg.batch}x{cfg.seq}, d_model {cfg.d_model}, "
         f"{cfg.layers} layers; entropy rate of the data {entropy:.3f} nats; "
         f"uniform guess {math.log(VOCAB):.3f}; stable_adamw max_update_ratio="
-        f"{args.max_update_ratio}; {elapsed:.0f} s\n"
+        f"{args.max_update_ratio}, overshoot={not args.no_overshoot}; {elapsed:.0f} s\n"
     )
     if sweep:
         print("Fault-free sweep of the peak learning rate (% to each optimizer's 1x loss):\n")

@@ -2,7 +2,8 @@
 
 ``guard`` skips non-finite and spiking steps without touching the optimizer
 state, ``clip_by_global_norm`` and ``adaptive_clip`` clip without making NaNs,
-and ``stable_adamw`` puts them together.
+``overshoot_control`` lowers the step when the loss stops following the gradient
+(a learning rate too high), and ``stable_adamw`` puts them together.
 """
 
 from stablejax._src.clipping import AdaptiveClipState as AdaptiveClipState
@@ -14,11 +15,14 @@ from stablejax._src.guard_metrics import find_guard_state as find_guard_state
 from stablejax._src.guard_metrics import leaf_path as leaf_path
 from stablejax._src.guard_metrics import metrics as metrics
 from stablejax._src.guard_metrics import nonfinite_leaf_path as nonfinite_leaf_path
+from stablejax._src.overshoot import OvershootState as OvershootState
+from stablejax._src.overshoot import overshoot_control as overshoot_control
 from stablejax._src.presets import stable_adamw as stable_adamw
 
 __all__ = [
     "AdaptiveClipState",
     "GuardState",
+    "OvershootState",
     "adaptive_clip",
     "clip_by_global_norm",
     "find_guard_state",
@@ -26,5 +30,6 @@ __all__ = [
     "leaf_path",
     "metrics",
     "nonfinite_leaf_path",
+    "overshoot_control",
     "stable_adamw",
 ]

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from stablejax._src.guard import GuardState
+from stablejax._src.overshoot import OvershootState
 from stablejax._src.typing import Array, PyTree
 
 
@@ -35,7 +36,10 @@ def metrics(opt_state: PyTree) -> dict[str, Array]:
     Keys: ``steps``, ``skipped_total``, ``skipped_nonfinite``, ``skipped_spike``,
     ``consecutive_skips``, ``last_skipped_step``, ``first_nonfinite_leaf``,
     ``grad_norm``, ``grad_norm_mean``, ``grad_norm_std``, ``loss_mean``, ``halted``,
-    ``give_ups``, ``lr_scale``. Values are jax scalars (works under ``jit``).
+    ``give_ups``, ``lr_scale``; and, when the state holds an
+    :func:`~stablejax.optim.overshoot_control` (as ``stable_adamw``'s does),
+    ``overshoot_scale`` and ``overshoots``. Values are jax scalars (works under
+    ``jit``).
 
     Args:
       opt_state: the full optimizer state; the guard may be nested anywhere in it.
@@ -56,7 +60,7 @@ def metrics(opt_state: PyTree) -> dict[str, Array]:
       (1, 0)
     """
     s = find_guard_state(opt_state)
-    return {
+    out = {
         "steps": s.steps,
         "skipped_total": s.skipped_total,
         "skipped_nonfinite": s.skipped_nonfinite,
@@ -72,6 +76,13 @@ def metrics(opt_state: PyTree) -> dict[str, Array]:
         "give_ups": s.give_ups,
         "lr_scale": s.lr_scale,
     }
+    is_control = lambda x: isinstance(x, OvershootState)
+    for node in jax.tree.leaves(opt_state, is_leaf=is_control):
+        if is_control(node):
+            out["overshoot_scale"] = node.scale
+            out["overshoots"] = node.overshoots
+            break
+    return out
 
 
 def leaf_path(params: PyTree, index: int | Array) -> str | None:

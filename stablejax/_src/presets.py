@@ -11,6 +11,7 @@ import optax
 
 from stablejax._src import clipping, validation
 from stablejax._src.guard import guard
+from stablejax._src.overshoot import overshoot_control
 
 _WHERE = "stablejax.optim.stable_adamw"
 
@@ -75,16 +76,18 @@ def stable_adamw(
     lr_backoff: float | None = None,
     lr_recovery_steps: int = 50,
     max_update_ratio: float | None = None,
+    overshoot: bool = True,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """AdamW with warm-up + cosine decay, safe clipping, and a guard, in one call.
 
     The chain is::
 
-        chain(guard(chain(clip_by_global_norm(clip), scale_by_adam(b1, b2, eps),
-                          add_decayed_weights(weight_decay, mask)), ...),
-              scale_by_learning_rate(warmup_cosine_decay_schedule(...)),
-              [per-leaf update-ratio bound, if max_update_ratio is set])
+        overshoot_control(                      # if overshoot=True (default)
+          chain(guard(chain(clip_by_global_norm(clip), scale_by_adam(b1, b2, eps),
+                            add_decayed_weights(weight_decay, mask)), ...),
+                scale_by_learning_rate(warmup_cosine_decay_schedule(...)),
+                [per-leaf update-ratio bound, if max_update_ratio is set]))
 
     Each piece answers a cause of NaN or divergence:
 
@@ -119,8 +122,19 @@ def stable_adamw(
     * **the schedule sits outside the guard**: refused steps still advance it
       (it counts data steps, as the loop does) and a reset does not rewind it.
       Refused updates are exact zeros, and ``lr * 0 = 0`` for the finite rate.
-    * **max_update_ratio** (opt-in, off by default): a learning rate too high for
-      the model diverges smoothly, with no NaN or spike for the guard to see. The
+    * **overshoot=True**: a learning rate too high for the model diverges
+      smoothly, with no NaN and no gradient spike for the guard to see, but the
+      loss stops following the gradient: a step predicted (by :math:`-g\\cdot u`)
+      to lower the loss by far more than the batch-to-batch noise lowers it by
+      less than a quarter of that, or raises it. :func:`overshoot_control` then
+      halves the step (recovering 2x per 1000 steps). At a rate that suits the
+      model no step's prediction stands out of the noise, so it never acts and
+      the updates are bitwise those without it. In the fault example, 100x the
+      tuned rate ends within 2% of fault-free with it (+74% without), and 1x-10x
+      are unchanged. It needs ``loss=`` passed to ``update``; without it, it
+      passes the updates through.
+    * **max_update_ratio** (opt-in, off by default): another answer to a rate
+      too high, a hard bound on each leaf's relative step. The
       bound scales each leaf's final update down to
       ``||u|| <= max_update_ratio * max(||w||, 1e-3)`` (a LARS/LAMB-style trust
       ratio used as a clip, per leaf, after the rate), so an over-large rate moves
@@ -157,7 +171,10 @@ def stable_adamw(
         (> 0), or None for none. Needs ``params`` passed to ``update``. The
         norms are local: under ``shard_map`` with sharded leaves the bound is
         per shard (``axis_name`` is not used for it).
-      axis_name: see :func:`stablejax.optim.guard` (also used by the clip).
+      overshoot: wrap the chain in :func:`stablejax.optim.overshoot_control`
+        with its defaults (needs ``loss=``; ``False`` for the bare chain).
+      axis_name: see :func:`stablejax.optim.guard` (also used by the clip and
+        by ``overshoot_control``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; pass ``loss=`` to ``update``.
@@ -193,6 +210,8 @@ def stable_adamw(
     if end_lr_ratio > 1:
         raise ValueError(f"{_WHERE}: end_lr_ratio={end_lr_ratio!r} must be in [0, 1].")
     _check_max_update_ratio(max_update_ratio)
+    if not isinstance(overshoot, bool):
+        raise TypeError(f"{_WHERE}: `overshoot` must be True or False, got {overshoot!r}.")
 
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
@@ -221,4 +240,7 @@ def stable_adamw(
     tail = [optax.scale_by_learning_rate(schedule)]
     if max_update_ratio is not None:
         tail.append(_clip_update_ratio(max_update_ratio))
-    return optax.chain(guarded, *tail)
+    chain = optax.chain(guarded, *tail)
+    if not overshoot:
+        return chain
+    return overshoot_control(chain, axis_name=axis_name)
