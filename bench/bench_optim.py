@@ -76,12 +76,20 @@ def variants() -> dict[str, optax.GradientTransformation]:
         "guard(optax chain)": optim.guard(plain()),
         "optax.apply_if_finite(chain)": optax.apply_if_finite(plain(), max_consecutive_errors=10),
         "stable_adamw": optim.stable_adamw(1e-3, warmup_steps=10, total_steps=10_000),
+        # With loss= passed, as a training loop does: the guard's loss check and
+        # overshoot_control's dot product of gradient and update are then traced.
+        "stable_adamw(loss=)": optim.stable_adamw(1e-3, warmup_steps=10, total_steps=10_000),
     }
 
 
-def build_step(tx, donate: bool):
+# Variants whose step passes ``loss=`` to ``update``.
+_WITH_LOSS = ("stable_adamw(loss=)",)
+
+
+def build_step(tx, donate: bool, with_loss: bool = False):
     def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
+        extra = {"loss": jnp.float32(1.0)} if with_loss else {}
+        updates, state = tx.update(grads, state, params, **extra)
         return optax.apply_updates(params, updates), state
 
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
@@ -156,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, tx in variants().items():
             params = jax.tree.map(jnp.copy, base)
             state = tx.init(params)
-            step = build_step(tx, donate)
+            step = build_step(tx, donate, name in _WITH_LOSS)
             hlo = hlo_stats(step, params, state, grads)
             params, state = step(params, state, grads)  # compile + warm up
             jax.block_until_ready(params)

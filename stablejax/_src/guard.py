@@ -398,9 +398,11 @@ def _update_reading_selected_state(inner_update, old_state, choose):
     for v, c in zip(jaxpr.constvars, closed.consts):
         env[v] = c
     for eqn in jaxpr.eqns:
-        params = eqn.primitive.get_bind_params(eqn.params)
+        bind = eqn.primitive.get_bind_params(eqn.params)
+        # jax < 0.8 returns (subfuns, params); later versions the params alone.
+        subfuns, params = bind if isinstance(bind, tuple) else ((), bind)
         with eqn.ctx.manager:
-            out = eqn.primitive.bind(*map(read, eqn.invars), **params)
+            out = eqn.primitive.bind(*subfuns, *map(read, eqn.invars), **params)
         for v, value in zip(eqn.outvars, out if eqn.primitive.multiple_results else [out]):
             write(v, value)
     out = [read(v) for v in jaxpr.outvars]

@@ -53,7 +53,7 @@ def _clip_update_ratio(ratio: float, eps: float = 1e-3) -> optax.GradientTransfo
             raise ValueError(f"{_WHERE}: max_update_ratio needs `params` passed to `update`.")
         return jax.tree.map(clip_leaf, updates, params), state
 
-    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 def stable_adamw(
