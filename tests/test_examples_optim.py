@@ -46,16 +46,37 @@ def test_short_run_table(example, capsys):
 
 
 def test_high_lr_is_the_smallest_multiplier_where_plain_fails(example, capsys):
-    out = example.main(
-        ["--quick", "--steps", "24", "--scenarios", "high_lr", "--lr-multipliers", "1,1000"]
-    )
+    out = example.main(["--quick", "--scenarios", "high_lr", "--lr-multipliers", "1,100"])
     table = capsys.readouterr().out
     sweep = out["sweep"]
-    assert list(sweep) == [1.0, 1000.0]
-    # The tuned rate reproduces the fault-free run; 1000x breaks plain optax.
+    assert list(sweep) == [1.0, 100.0]
+    # The tuned rate reproduces the fault-free run; 100x breaks plain optax.
     base = out["results"]["none"]["plain"]["final_loss"]
     assert sweep[1.0]["plain"]["final_loss"] == pytest.approx(base, rel=1e-6)
-    assert sweep[1.0]["plain"]["survived"] and not sweep[1000.0]["plain"]["survived"]
-    assert out["high_lr_factor"] == 1000.0
-    assert out["results"]["high_lr"] is sweep[1000.0]
-    assert "| high_lr (1000x) |" in table and "| 1000x |" in table
+    assert sweep[1.0]["plain"]["survived"] and not sweep[100.0]["plain"]["survived"]
+    assert out["high_lr_factor"] == 100.0
+    assert out["results"]["high_lr"] is sweep[100.0]
+    assert "| high_lr (100x) |" in table and "| 100x |" in table
+    # stable_adamw's overshoot control brings the rate down; nothing acts at 1x.
+    stable = sweep[100.0]["stable_adamw"]
+    assert stable["survived"] and stable["overshoots"] >= 1
+    assert sweep[1.0]["stable_adamw"].get("overshoots", 0) == 0
+    for name in ("plain", "clip_adamw", "apply_if_finite"):
+        assert not sweep[100.0][name]["survived"]
+
+
+def test_no_overshoot_flag_turns_the_control_off(example, capsys):
+    out = example.main(
+        [
+            "--quick",
+            "--steps",
+            "24",
+            "--scenarios",
+            "high_lr",
+            "--lr-multipliers",
+            "100",
+            "--no-overshoot",
+        ]
+    )
+    capsys.readouterr()
+    assert "overshoots" not in out["sweep"][100.0]["stable_adamw"]
