@@ -82,7 +82,7 @@ def train_step(model: SpeakerNet, optimizer: nnx.Optimizer, batch: dict[str, jax
     """One guarded AdamW step; returns the loss and the guard's metrics."""
     loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
     optimizer.update(model, grads, loss=loss)
-    return loss, optim.metrics(nnx.as_pure(optimizer.opt_state))
+    return loss, optim.metrics(optimizer.opt_state)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

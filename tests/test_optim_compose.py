@@ -152,3 +152,21 @@ def test_state_round_trips_through_orbax(tmp_path):
     # Training continues identically from the restored state.
     update = jax.jit(tx.update)
     assert bits_equal(update(GOOD, state, PARAMS), update(GOOD, restored, PARAMS))
+
+
+def test_metrics_of_an_nnx_optimizer_are_plain_arrays_under_jit():
+    from flax import nnx
+
+    model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+    tx = optim.stable_adamw(1e-3, warmup_steps=2, total_steps=10)
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, x):
+        loss, g = nnx.value_and_grad(lambda m: jnp.sum(m(x) ** 2))(model)
+        opt.update(model, g, loss=loss)
+        return optim.metrics(opt.opt_state)
+
+    m = step(model, opt, jnp.full((1, 2), jnp.nan))
+    assert all(isinstance(v, jax.Array) for v in m.values())
+    assert int(m["skipped_nonfinite"]) == 1 and int(m["steps"]) == 1

@@ -44,6 +44,7 @@ from stablejax._src.debug_values import (
     nonfinite_kind,
     operand_stats,
 )
+from stablejax._src.jaxpr_bind import bind_equation
 
 INTENTIONAL = -1  # taint of a non-finite literal written in the program
 _MAX_ORIGINS = 256
@@ -195,7 +196,7 @@ class Walker:
             )
             out_grad = in_grad or label == debug_phase.BACKWARD
             for v, val, t in zip(eqn.outvars, outs, out_taints):
-                if isinstance(v, jcore.DropVar):
+                if isinstance(v, debug_phase.DropVar):
                     continue
                 env[v] = val
                 taint[v] = t
@@ -257,13 +258,11 @@ class Walker:
         return self._leaf(eqn, invals, in_taints, site, phase)
 
     def _bind(self, eqn, invals, site):
-        bind_params = eqn.primitive.get_bind_params(eqn.params)
         with (
             source_info_util.user_context(eqn.source_info.traceback, name_stack=site.name_stack),
             eqn.ctx.manager,
         ):
-            outs = eqn.primitive.bind(*invals, **bind_params)
-        return list(outs) if eqn.primitive.multiple_results else [outs]
+            return bind_equation(eqn, invals)
 
     def _leaf(self, eqn, invals, in_taints, site, phase):
         outs = self._bind(eqn, invals, site)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import linecache
 import os
@@ -22,7 +23,10 @@ from stablejax._src.debug_values import Origin, is_float, nonfinite_kind
 # Part of jax's tracing-cache key: tracing under a value of our own makes
 # `jax.jit`/`nnx.jit` functions that already ran re-trace, so NNX module names
 # are stamped even on steps compiled before locate was called.
-_FRESH_TRACE = jax.make_user_context(None)
+if hasattr(jax, "make_user_context"):
+    _FRESH_TRACE = jax.make_user_context(None)
+else:  # older jax: a step jitted before locate keeps its cached trace (no NNX names)
+    _FRESH_TRACE = lambda value: contextlib.nullcontext()  # noqa: E731
 
 
 class LocateTraceError(TypeError):

@@ -10,6 +10,7 @@ import numpy as np
 from jax._src import source_info_util
 
 from stablejax._src.debug_source import Frame
+from stablejax._src.jaxpr_bind import bind_equation
 
 LOW_PRECISION = ("float16", "bfloat16")
 
@@ -122,10 +123,9 @@ def finite_in_float32(eqn, invals, site) -> bool | None:
             params[key] = f32
     try:
         with source_info_util.user_context(eqn.source_info.traceback, name_stack=site.name_stack):
-            outs = eqn.primitive.bind(*vals, **eqn.primitive.get_bind_params(params))
+            outs = bind_equation(eqn, vals, params)
     except Exception:  # a rule that insists on its dtypes: no verdict
         return None
-    outs = outs if eqn.primitive.multiple_results else [outs]
     return all(nonfinite_kind(o) is None for o in outs)
 
 

@@ -18,6 +18,7 @@ import optax
 from jax import lax
 
 from stablejax._src import clipping, validation
+from stablejax._src.jaxpr_bind import bind_equation
 from stablejax._src.typing import Array
 
 _WHERE = "stablejax.optim.guard"
@@ -398,12 +399,9 @@ def _update_reading_selected_state(inner_update, old_state, choose):
     for v, c in zip(jaxpr.constvars, closed.consts):
         env[v] = c
     for eqn in jaxpr.eqns:
-        bind = eqn.primitive.get_bind_params(eqn.params)
-        # jax < 0.8 returns (subfuns, params); later versions the params alone.
-        subfuns, params = bind if isinstance(bind, tuple) else ((), bind)
         with eqn.ctx.manager:
-            out = eqn.primitive.bind(*subfuns, *map(read, eqn.invars), **params)
-        for v, value in zip(eqn.outvars, out if eqn.primitive.multiple_results else [out]):
+            out = bind_equation(eqn, [read(v) for v in eqn.invars])
+        for v, value in zip(eqn.outvars, out):
             write(v, value)
     out = [read(v) for v in jaxpr.outvars]
     for i, v in enumerate(state_vars):

@@ -82,7 +82,9 @@ def metrics(opt_state: PyTree) -> dict[str, Array]:
             out["overshoot_scale"] = node.scale
             out["overshoots"] = node.overshoots
             break
-    return out
+    # Plain arrays even when the state's leaves are wrapped (flax NNX's
+    # Optimizer keeps them in OptArray variables, which jit cannot return).
+    return {k: jnp.asarray(v) for k, v in out.items()}
 
 
 def leaf_path(params: PyTree, index: int | Array) -> str | None:
