@@ -38,6 +38,7 @@ the fault-free loss is printed for every surviving run. Usage::
     python examples/train_lm_faults.py --quick    # short run, under a minute
     python examples/train_lm_faults.py --max-update-ratio 0.01   # stable_adamw with the bound
     python examples/train_lm_faults.py --no-overshoot   # stable_adamw(overshoot=False)
+    python examples/train_lm_faults.py --scenarios high_lr --lr-multipliers 100 --seed 1
 """
 
 from __future__ import annotations
@@ -247,6 +248,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="pass max_update_ratio to stable_adamw (default: its default, None)",
     )
     parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="another draw of the run: init key SEED and training batches from data seed "
+        "100+SEED (default: init key 0, data seed 1); evaluation batches are fixed",
+    )
+    parser.add_argument(
         "--no-overshoot",
         action="store_true",
         help="stable_adamw(overshoot=False): without the loss-feedback step control",
@@ -270,10 +278,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     probs, entropy = markov_chain()
-    data = jnp.asarray(sample_batches(probs, min(cfg.steps, 400), cfg, seed=1))
+    init_key, data_seed = (0, 1) if args.seed is None else (args.seed, 100 + args.seed)
+    data = jnp.asarray(sample_batches(probs, min(cfg.steps, 400), cfg, seed=data_seed))
     evals = jnp.asarray(sample_batches(probs, cfg.eval_batches, cfg, seed=2))
     model = TinyLM(cfg)
-    params = model.init(jax.random.key(0), data[0, :, :-1])
+    params = model.init(jax.random.key(init_key), data[0, :, :-1])
 
     tx_options = (args.max_update_ratio, not args.no_overshoot)
     results: dict[str, dict[str, dict]] = {}

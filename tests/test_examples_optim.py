@@ -76,7 +76,15 @@ def test_no_overshoot_flag_turns_the_control_off(example, capsys):
             "--lr-multipliers",
             "100",
             "--no-overshoot",
+            "--seed",
+            "1",
         ]
     )
     capsys.readouterr()
     assert "overshoots" not in out["sweep"][100.0]["stable_adamw"]
+    # Another draw (init key 1, data seed 101): a different fault-free run.
+    default = example.main(["--quick", "--steps", "24", "--scenarios", "none"])
+    capsys.readouterr()
+    assert out["results"]["none"]["plain"]["final_loss"] != pytest.approx(
+        default["results"]["none"]["plain"]["final_loss"], rel=1e-6
+    )
