@@ -196,7 +196,7 @@ class Walker:
             )
             out_grad = in_grad or label == debug_phase.BACKWARD
             for v, val, t in zip(eqn.outvars, outs, out_taints):
-                if isinstance(v, debug_phase.DropVar):
+                if isinstance(v, jcore.DropVar):
                     continue
                 env[v] = val
                 taint[v] = t

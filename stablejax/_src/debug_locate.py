@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import linecache
 import os
@@ -23,10 +22,7 @@ from stablejax._src.debug_values import Origin, is_float, nonfinite_kind
 # Part of jax's tracing-cache key: tracing under a value of our own makes
 # `jax.jit`/`nnx.jit` functions that already ran re-trace, so NNX module names
 # are stamped even on steps compiled before locate was called.
-if hasattr(jax, "make_user_context"):
-    _FRESH_TRACE = jax.make_user_context(None)
-else:  # older jax: a step jitted before locate keeps its cached trace (no NNX names)
-    _FRESH_TRACE = lambda value: contextlib.nullcontext()  # noqa: E731
+_FRESH_TRACE = jax.make_user_context(None)
 
 
 class LocateTraceError(TypeError):

@@ -25,11 +25,6 @@ from jax.extend import core as jcore
 
 from stablejax._src.debug_source import has_transform
 
-# jax.extend.core exports DropVar from jax 0.10; earlier it lives in jax's core only.
-DropVar = getattr(jcore, "DropVar", None)
-if DropVar is None:  # pragma: no cover - depends on the installed jax
-    from jax._src.core import DropVar
-
 FORWARD = "forward"
 DERIVATIVE = "derivative"
 BACKWARD = "backward"
@@ -37,7 +32,7 @@ FEEDS_BACKWARD = "forward-feeds-backward"
 
 
 def _is_var(v: Any) -> bool:
-    return isinstance(v, jcore.Var) and not isinstance(v, DropVar)
+    return isinstance(v, jcore.Var) and not isinstance(v, jcore.DropVar)
 
 
 def label_equations(
