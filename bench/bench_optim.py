@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -47,6 +46,7 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stablejax import optim  # noqa: E402
+from stablejax._src.hlo_traffic import full_size_traffic  # noqa: E402
 
 
 def make_params(n_layers: int = 24, width: int = 640, fan_in: int = 320) -> dict:
@@ -101,27 +101,13 @@ _BIG = 1 << 16  # elements: a buffer at least this large counts as a pass
 def hlo_stats(step, params, state, grads) -> dict:
     """Line count and full-size buffer traffic of the compiled module's entry computation."""
     text = step.lower(params, state, grads).compile().as_text()
-    lines = text.splitlines()
-    entry = lines[next(i for i, ln in enumerate(lines) if ln.startswith("ENTRY")) :]
-    shapes: dict[str, int] = {}
-    reads = writes = big_copies = 0
-    pattern = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\w+)\[([\d,]*)\]\S* ([\w-]+)\((.*)")
-    for line in entry[1:]:
-        m = pattern.match(line)
-        if not m:
-            continue
-        name, dims, op, rest = m.group(1), m.group(3), m.group(4), m.group(5)
-        size = 1
-        for d in filter(None, dims.split(",")):
-            size *= int(d)
-        shapes[name] = size
-        if op in ("parameter", "constant", "bitcast", "get-tuple-element", "tuple"):
-            continue
-        operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
-        reads += sum(1 for o in set(operands) if shapes.get(o, 0) >= _BIG)
-        writes += size >= _BIG
-        big_copies += op == "copy" and size >= _BIG
-    return {"lines": len(lines), "big_reads": reads, "big_writes": writes, "big_copies": big_copies}
+    traffic = full_size_traffic(text, _BIG)
+    return {
+        "lines": len(text.splitlines()),
+        "big_reads": traffic["reads"],
+        "big_writes": traffic["writes"],
+        "big_copies": traffic["copies"],
+    }
 
 
 def quantile(xs: list[float], q: float) -> float:

@@ -5,14 +5,13 @@ top-level instructions of the entry computation, and copies of full-size
 buffers (which donation brings in when a loop still reads an overwritten input).
 """
 
-import re
-
 import jax
 import jax.numpy as jnp
 import optax
 import pytest
 
 from stablejax import optim
+from stablejax._src.hlo_traffic import full_size_traffic
 
 SHAPE = (128, 512)  # 64K elements: the "full-size" threshold below
 BIG = SHAPE[0] * SHAPE[1]
@@ -28,26 +27,7 @@ def traffic(tx, donate: bool) -> dict:
 
     jitted = jax.jit(step, donate_argnums=(0, 1) if donate else ())
     text = jitted.lower(params, tx.init(params), grads).compile().as_text()
-    lines = text.splitlines()
-    entry = lines[next(i for i, ln in enumerate(lines) if ln.startswith("ENTRY")) + 1 :]
-    pattern = re.compile(r"^\s*(?:ROOT )?%(\S+) = \w+\[([\d,]*)\]\S* ([\w-]+)\((.*)")
-    sizes, out = {}, {"reads": 0, "writes": 0, "copies": 0}
-    for line in entry:
-        m = pattern.match(line)
-        if not m:
-            continue
-        name, dims, op, rest = m.groups()
-        size = 1
-        for d in filter(None, dims.split(",")):
-            size *= int(d)
-        sizes[name] = size
-        if op in ("parameter", "constant", "bitcast", "get-tuple-element", "tuple"):
-            continue
-        operands = set(re.findall(r"%([\w.\-]+)", rest.split("), ")[0]))
-        out["reads"] += sum(sizes.get(o, 0) >= BIG for o in operands)
-        out["writes"] += size >= BIG
-        out["copies"] += op == "copy" and size >= BIG
-    return out
+    return full_size_traffic(text, BIG)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="counts XLA:CPU fusions")
