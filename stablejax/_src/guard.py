@@ -186,9 +186,7 @@ def guard(
     if lr_backoff is not None:
         validation.check_unit_interval("lr_backoff", lr_backoff, _WHERE)
     validation.check_count("lr_recovery_steps", lr_recovery_steps, _WHERE, minimum=1)
-    validation.check_positive("min_lr_scale", min_lr_scale, _WHERE)
-    if min_lr_scale > 1:
-        raise ValueError(f"{_WHERE}: `min_lr_scale` must be <= 1, got {min_lr_scale!r}.")
+    validation.check_fraction("min_lr_scale", min_lr_scale, _WHERE)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):

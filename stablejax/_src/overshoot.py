@@ -152,9 +152,7 @@ def overshoot_control(
     validation.check_positive("noise_sigmas", noise_sigmas, _WHERE)
     validation.check_unit_interval("shrink", shrink, _WHERE)
     validation.check_count("recovery_steps", recovery_steps, _WHERE, minimum=1)
-    validation.check_positive("min_scale", min_scale, _WHERE)
-    if min_scale > 1:
-        raise ValueError(f"{_WHERE}: min_scale={min_scale!r} must be in (0, 1].")
+    validation.check_fraction("min_scale", min_scale, _WHERE)
     validation.check_unit_interval("noise_decay", noise_decay, _WHERE)
     validation.check_count("noise_warmup", noise_warmup, _WHERE, minimum=1)
     inner = optax.with_extra_args_support(inner)

@@ -94,6 +94,14 @@ def check_unit_interval(name: str, value: float, where: str) -> float:
     return float(value)
 
 
+def check_fraction(name: str, value: float, where: str) -> float:
+    """Raises ``ValueError`` unless ``0 < value <= 1``."""
+    check_positive(name, value, where)
+    if value > 1:
+        raise ValueError(f"{where}: `{name}` must be in (0, 1], got {value!r}.")
+    return float(value)
+
+
 def check_count(name: str, value: int, where: str, minimum: int = 0) -> int:
     """Raises ``ValueError`` unless ``value`` is an int ``>= minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):
