@@ -45,8 +45,8 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.hlo_traffic import full_size_traffic  # noqa: E402
 from stablejax import optim  # noqa: E402
-from stablejax._src.hlo_traffic import full_size_traffic  # noqa: E402
 
 
 def make_params(n_layers: int = 24, width: int = 640, fan_in: int = 320) -> dict:

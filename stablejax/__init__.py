@@ -8,14 +8,14 @@ Layers live in :mod:`stablejax.nn` (Flax linen) and :mod:`stablejax.nnx`
 :mod:`stablejax.optim` and NaN diagnosis in :mod:`stablejax.debug`.
 """
 
-from stablejax._src.numerics import safe_div as safe_div
-from stablejax._src.numerics import safe_log as safe_log
-from stablejax._src.numerics import safe_rsqrt as safe_rsqrt
-from stablejax._src.numerics import safe_sqrt as safe_sqrt
-from stablejax._src.reductions import safe_norm as safe_norm
-from stablejax._src.reductions import safe_normalize as safe_normalize
-from stablejax._src.reductions import safe_std as safe_std
-from stablejax._src.reductions import safe_var as safe_var
+from stablejax._src.numerics.ops import safe_div as safe_div
+from stablejax._src.numerics.ops import safe_log as safe_log
+from stablejax._src.numerics.ops import safe_rsqrt as safe_rsqrt
+from stablejax._src.numerics.ops import safe_sqrt as safe_sqrt
+from stablejax._src.numerics.reductions import safe_norm as safe_norm
+from stablejax._src.numerics.reductions import safe_normalize as safe_normalize
+from stablejax._src.numerics.reductions import safe_std as safe_std
+from stablejax._src.numerics.reductions import safe_var as safe_var
 
 __version__ = "0.1.0"
 

@@ -8,15 +8,15 @@ finiteness flags to a train step and ``watch_loop`` calls ``locate`` when one
 trips.
 """
 
-from stablejax._src.debug_locate import LocateTraceError as LocateTraceError
-from stablejax._src.debug_locate import locate as locate
-from stablejax._src.debug_nnx import nnx_module_names as nnx_module_names
-from stablejax._src.debug_report import Report as Report
-from stablejax._src.debug_trap import NonFiniteError as NonFiniteError
-from stablejax._src.debug_trap import nan_trap as nan_trap
-from stablejax._src.debug_watch import finite_flags as finite_flags
-from stablejax._src.debug_watch import watch as watch
-from stablejax._src.debug_watch import watch_loop as watch_loop
+from stablejax._src.debug.locate import LocateTraceError as LocateTraceError
+from stablejax._src.debug.locate import locate as locate
+from stablejax._src.debug.nnx_names import nnx_module_names as nnx_module_names
+from stablejax._src.debug.report import Report as Report
+from stablejax._src.debug.trap import NonFiniteError as NonFiniteError
+from stablejax._src.debug.trap import nan_trap as nan_trap
+from stablejax._src.debug.watch import finite_flags as finite_flags
+from stablejax._src.debug.watch import watch as watch
+from stablejax._src.debug.watch import watch_loop as watch_loop
 
 __all__ = [
     "LocateTraceError",

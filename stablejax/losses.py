@@ -1,6 +1,6 @@
 """Losses whose value and gradient stay finite at a perfect prediction."""
 
-from stablejax._src.losses import mae as mae
-from stablejax._src.losses import rmse as rmse
+from stablejax._src.numerics.losses import mae as mae
+from stablejax._src.numerics.losses import rmse as rmse
 
 __all__ = ["mae", "rmse"]

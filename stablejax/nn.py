@@ -1,8 +1,8 @@
 """Safe Flax linen layers: drop-in normalization and pooling that stay finite."""
 
-from stablejax._src.layers_linen import L2Normalize as L2Normalize
-from stablejax._src.layers_linen import LayerNorm as LayerNorm
-from stablejax._src.layers_linen import RMSNorm as RMSNorm
-from stablejax._src.layers_linen import StdPool as StdPool
+from stablejax._src.layers.linen import L2Normalize as L2Normalize
+from stablejax._src.layers.linen import LayerNorm as LayerNorm
+from stablejax._src.layers.linen import RMSNorm as RMSNorm
+from stablejax._src.layers.linen import StdPool as StdPool
 
 __all__ = ["L2Normalize", "LayerNorm", "RMSNorm", "StdPool"]

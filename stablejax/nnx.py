@@ -1,8 +1,8 @@
 """Safe Flax NNX layers: the same core as :mod:`stablejax.nn`, for NNX models."""
 
-from stablejax._src.layers_nnx import L2Normalize as L2Normalize
-from stablejax._src.layers_nnx import LayerNorm as LayerNorm
-from stablejax._src.layers_nnx import RMSNorm as RMSNorm
-from stablejax._src.layers_nnx import StdPool as StdPool
+from stablejax._src.layers.nnx import L2Normalize as L2Normalize
+from stablejax._src.layers.nnx import LayerNorm as LayerNorm
+from stablejax._src.layers.nnx import RMSNorm as RMSNorm
+from stablejax._src.layers.nnx import StdPool as StdPool
 
 __all__ = ["L2Normalize", "LayerNorm", "RMSNorm", "StdPool"]

@@ -6,18 +6,18 @@ state, ``clip_by_global_norm`` and ``adaptive_clip`` clip without making NaNs,
 (a learning rate too high), and ``stable_adamw`` puts them together.
 """
 
-from stablejax._src.clipping import AdaptiveClipState as AdaptiveClipState
-from stablejax._src.clipping import adaptive_clip as adaptive_clip
-from stablejax._src.clipping import clip_by_global_norm as clip_by_global_norm
-from stablejax._src.guard import GuardState as GuardState
-from stablejax._src.guard import guard as guard
-from stablejax._src.guard_metrics import find_guard_state as find_guard_state
-from stablejax._src.guard_metrics import leaf_path as leaf_path
-from stablejax._src.guard_metrics import metrics as metrics
-from stablejax._src.guard_metrics import nonfinite_leaf_path as nonfinite_leaf_path
-from stablejax._src.overshoot import OvershootState as OvershootState
-from stablejax._src.overshoot import overshoot_control as overshoot_control
-from stablejax._src.presets import stable_adamw as stable_adamw
+from stablejax._src.optim.clipping import AdaptiveClipState as AdaptiveClipState
+from stablejax._src.optim.clipping import adaptive_clip as adaptive_clip
+from stablejax._src.optim.clipping import clip_by_global_norm as clip_by_global_norm
+from stablejax._src.optim.guard import GuardState as GuardState
+from stablejax._src.optim.guard import guard as guard
+from stablejax._src.optim.metrics import find_guard_state as find_guard_state
+from stablejax._src.optim.metrics import leaf_path as leaf_path
+from stablejax._src.optim.metrics import metrics as metrics
+from stablejax._src.optim.metrics import nonfinite_leaf_path as nonfinite_leaf_path
+from stablejax._src.optim.overshoot import OvershootState as OvershootState
+from stablejax._src.optim.overshoot import overshoot_control as overshoot_control
+from stablejax._src.optim.presets import stable_adamw as stable_adamw
 
 __all__ = [
     "AdaptiveClipState",

@@ -5,13 +5,19 @@ top-level instructions of the entry computation, and copies of full-size
 buffers (which donation brings in when a loop still reads an overwritten input).
 """
 
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import optax
 import pytest
 
 from stablejax import optim
-from stablejax._src.hlo_traffic import full_size_traffic
+
+# The traffic counter is a measuring tool of bench/, not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.hlo_traffic import full_size_traffic  # noqa: E402
 
 SHAPE = (128, 512)  # 64K elements: the "full-size" threshold below
 BIG = SHAPE[0] * SHAPE[1]

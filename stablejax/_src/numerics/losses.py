@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from stablejax._src import validation
-from stablejax._src.dtypes import compute_dtype
-from stablejax._src.reductions import _norm
+from stablejax._src.numerics.dtypes import compute_dtype
+from stablejax._src.numerics.reductions import _norm
 from stablejax._src.typing import Array, ArrayLike, Axis
 
 

@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from stablejax._src import clipping, validation
-from stablejax._src.guard import guard
-from stablejax._src.overshoot import overshoot_control
+from stablejax._src import validation
+from stablejax._src.optim import clipping
+from stablejax._src.optim.guard import guard
+from stablejax._src.optim.overshoot import overshoot_control
 
 _WHERE = "stablejax.optim.stable_adamw"
 

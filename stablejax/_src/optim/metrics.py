@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from stablejax._src.guard import GuardState
-from stablejax._src.overshoot import OvershootState
+from stablejax._src.optim.guard import GuardState
+from stablejax._src.optim.overshoot import OvershootState
 from stablejax._src.typing import Array, PyTree
 
 

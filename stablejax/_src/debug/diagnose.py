@@ -16,8 +16,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from stablejax._src.debug_history import History
-from stablejax._src.debug_values import Origin
+from stablejax._src.debug.history import History
+from stablejax._src.debug.values import Origin
 
 _LOSS_NAME = re.compile(
     r"loss|mae|mse|rmse|cross_?entropy|xent|nll|criterion|objective|likelihood|huber|bce"

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from stablejax._src.demo_runner import ScenarioResult
+from stablejax._src.demo.runner import ScenarioResult
 
 
 def _finite(values: list[float]) -> np.ndarray:

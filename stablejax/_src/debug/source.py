@@ -31,7 +31,13 @@ _LIBRARY_PARTS = (
     f"{os.sep}_pytest{os.sep}",
     f"{os.sep}pluggy{os.sep}",
 )
-_OPTIMIZER_PARTS = (f"{os.sep}optax{os.sep}", f"{os.sep}stablejax{os.sep}_src{os.sep}guard")
+_OPTIMIZER_PARTS = (
+    f"{os.sep}optax{os.sep}",
+    f"{os.sep}stablejax{os.sep}_src{os.sep}optim{os.sep}",
+)
+# The demo's model zoo lives inside the package but plays the user: its lines are
+# what the demo's reports point at, as a user's own model file would be.
+_USER_FILES = (f"{os.sep}stablejax{os.sep}_src{os.sep}demo{os.sep}zoo.py",)
 # Scopes jax itself opens (``jax.checkpoint``); they are not modules.
 _JAX_SCOPES = frozenset({"rematted_computation", "checkpoint", "remat"})
 _WRAPPER_RE = re.compile(r"^(?:[A-Za-z_]+\()+(.*?)\)*$")
@@ -49,9 +55,14 @@ class Frame(NamedTuple):
 
 
 def is_user_file(file_name: str) -> bool:
-    """Whether ``file_name`` is outside jax, flax, optax, chex, stablejax and stdlib glue."""
+    """Whether ``file_name`` is user code: not jax, flax, optax, chex, stablejax or stdlib glue.
+
+    The demo's model zoo (``stablejax/_src/demo/zoo.py``) counts as user code.
+    """
     if file_name.startswith("<frozen") or file_name.startswith("<string>"):
         return False
+    if file_name.endswith(_USER_FILES):
+        return True
     return not any(part in file_name for part in _LIBRARY_PARTS)
 
 

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stablejax._src.debug_locate import locate
-from stablejax._src.debug_report import Report
+from stablejax._src.debug.locate import locate
+from stablejax._src.debug.report import Report
 
 _GROUP_DEPTH = 3
 

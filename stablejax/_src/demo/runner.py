@@ -1,8 +1,8 @@
 """Runs the demo's scenarios: the naive run, ``locate`` on its bad step, the fixed run.
 
 Everything the demo shows on the console is printed here with ``rich``; the
-files it writes are produced by :mod:`stablejax._src.demo_report` and
-:mod:`stablejax._src.demo_plots`.
+files it writes are produced by :mod:`stablejax._src.demo.report` and
+:mod:`stablejax._src.demo.plots`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from stablejax._src.debug_locate import locate
-from stablejax._src.debug_report import Report
-from stablejax._src.demo_scenarios import SCENARIOS, Scenario
-from stablejax._src.demo_train import Batch, Run, RunLog
+from stablejax._src.debug.locate import locate
+from stablejax._src.debug.report import Report
+from stablejax._src.demo.scenarios import SCENARIOS, Scenario
+from stablejax._src.demo.train import Batch, Run, RunLog
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ from typing import Any
 
 from jax.extend import core as jcore
 
-from stablejax._src.debug_source import has_transform
+from stablejax._src.debug.source import has_transform
 
 FORWARD = "forward"
 DERIVATIVE = "derivative"

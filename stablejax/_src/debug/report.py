@@ -6,7 +6,7 @@ import dataclasses
 import json
 from typing import Any
 
-from stablejax._src.debug_values import OperandStats
+from stablejax._src.debug.values import OperandStats
 
 
 @dataclasses.dataclass

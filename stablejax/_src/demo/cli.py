@@ -42,7 +42,7 @@ def _steps(value: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``stablejax`` command."""
-    from stablejax._src.demo_scenarios import SCENARIOS
+    from stablejax._src.demo.scenarios import SCENARIOS
 
     parser = _Parser(
         prog="stablejax", description="stablejax: numerical stability for JAX/Flax training."
@@ -94,7 +94,8 @@ def run_demo(names: Sequence[str], steps: int, out: str, plots: bool) -> int:
     from rich.console import Console
     from rich.text import Text
 
-    from stablejax._src import demo_report, demo_runner
+    from stablejax._src.demo import report as demo_report
+    from stablejax._src.demo import runner as demo_runner
 
     console = Console(highlight=False)
     if not console.is_terminal:  # logs and CI: wide enough for the summary table
@@ -107,7 +108,7 @@ def run_demo(names: Sequence[str], steps: int, out: str, plots: bool) -> int:
     try:
         written = demo_report.write_reports(out, results, wall, steps, plots)
         if plots:
-            from stablejax._src.demo_plots import plot_scenario
+            from stablejax._src.demo.plots import plot_scenario
 
             for r in results:
                 path = os.path.join(out, f"{r.scenario.name}.png")
@@ -132,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       The exit status: 0 on success, 2 for a bad command line, 1 when the output
       folder cannot be written, 3 when a scenario did not show what it should.
     """
-    from stablejax._src.demo_runner import scenario_names
+    from stablejax._src.demo.runner import scenario_names
 
     parser = build_parser()
     try:

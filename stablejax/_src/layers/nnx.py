@@ -12,8 +12,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from stablejax._src import normalization as core
 from stablejax._src import validation
+from stablejax._src.layers import core
 from stablejax._src.typing import Array
 
 

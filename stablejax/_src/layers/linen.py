@@ -3,7 +3,7 @@
 ``LayerNorm`` and ``RMSNorm`` subclass flax's own, so they take the same
 constructor arguments, create the same parameters (``scale``, ``bias``) with the
 same shapes, and give the same outputs for ``epsilon > 0``; ``epsilon = 0`` is
-exact and finite (see :mod:`stablejax._src.normalization`).
+exact and finite (see :mod:`stablejax._src.layers.core`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from stablejax._src import normalization as core
 from stablejax._src import validation
+from stablejax._src.layers import core
 from stablejax._src.typing import Array
 
 

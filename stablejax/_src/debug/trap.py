@@ -10,9 +10,9 @@ from typing import Any
 
 import jax
 
-from stablejax._src.debug_locate import locate
-from stablejax._src.debug_report import Report
-from stablejax._src.debug_source import Frame, innermost_user_frame
+from stablejax._src.debug.locate import locate
+from stablejax._src.debug.report import Report
+from stablejax._src.debug.source import Frame, innermost_user_frame
 
 _DISPATCH = ("_run_python_pjit", "_python_pjit_helper", "maybe_recursive_nan_check")
 _MESSAGE = re.compile(r"invalid value \((nan|inf)\) encountered in ([\w.<>]+)")

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from stablejax._src import validation
-from stablejax._src.dtypes import compute_dtype, pow2_scale
+from stablejax._src.numerics.dtypes import compute_dtype, pow2_scale
 from stablejax._src.typing import Array, ArrayLike, Axis
 
 NORMALIZE_GRAD_FLOOR = 1e-6

@@ -15,7 +15,7 @@ orders all work) with one contract:
    a non-finite input, it only refuses to create one.
 
 Arithmetic happens in at least float32 and the result has the input dtype
-(:mod:`stablejax._src.dtypes`).
+(:mod:`stablejax._src.numerics.dtypes`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from stablejax._src import validation
-from stablejax._src.dtypes import compute_dtype
+from stablejax._src.numerics.dtypes import compute_dtype
 from stablejax._src.typing import Array, ArrayLike
 
 SQRT_GRAD_FLOOR = 1e-30

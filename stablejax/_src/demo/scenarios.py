@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from stablejax import _demo_zoo as models
-from stablejax._src.clipping import clip_by_global_norm
-from stablejax._src.demo_train import Batch, Recipe
-from stablejax._src.guard import guard
+from stablejax._src.demo import zoo as models
+from stablejax._src.demo.train import Batch, Recipe
+from stablejax._src.optim.clipping import clip_by_global_norm
+from stablejax._src.optim.guard import guard
 
 BATCH = 32
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import jax
 
-from stablejax._src.demo_runner import ScenarioResult, op_label, source_line
-from stablejax._src.demo_train import RunLog
+from stablejax._src.demo.runner import ScenarioResult, op_label, source_line
+from stablejax._src.demo.train import RunLog
 
 
 def _clean(x: Any) -> Any:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src import source_info_util
 
-from stablejax._src.debug_source import Frame
+from stablejax._src.debug.source import Frame
 from stablejax._src.jaxpr_bind import bind_equation
 
 LOW_PRECISION = ("float16", "bfloat16")

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from stablejax._src import clipping, validation
+from stablejax._src import validation
 from stablejax._src.jaxpr_bind import bind_equation
+from stablejax._src.optim import clipping
 from stablejax._src.typing import Array
 
 _WHERE = "stablejax.optim.guard"

@@ -10,7 +10,7 @@ flax's bit for bit and a flax checkpoint loads unchanged. ``epsilon = 0`` is the
 exact formula ``(x - mean) / std``, where flax returns NaN on a constant row:
 the mean is computed shifted by a reference entry of the row (a constant row
 centres to exactly 0), the division goes through the safe normalize core
-(:func:`stablejax._src.reductions.unit`), and a constant or zero row gives 0
+(:func:`stablejax._src.numerics.reductions.unit`), and a constant or zero row gives 0
 with gradient 0.
 """
 
@@ -23,8 +23,8 @@ from flax.linen import dtypes as flax_dtypes
 from jax import lax
 
 from stablejax._src import validation
-from stablejax._src.dtypes import compute_dtype
-from stablejax._src.reductions import NORMALIZE_GRAD_FLOOR, mean_spread, unit
+from stablejax._src.numerics.dtypes import compute_dtype
+from stablejax._src.numerics.reductions import NORMALIZE_GRAD_FLOOR, mean_spread, unit
 from stablejax._src.typing import Array, Axis
 
 

@@ -27,15 +27,15 @@ import numpy as np
 from jax._src import source_info_util
 from jax.extend import core as jcore
 
-from stablejax._src import debug_phase
-from stablejax._src.debug_source import (
+from stablejax._src.debug import phase as phase_labels
+from stablejax._src.debug.source import (
     Frame,
     is_optimizer_file,
     is_user_file,
     scopes,
     traceback_frames,
 )
-from stablejax._src.debug_values import (
+from stablejax._src.debug.values import (
     LOW_PRECISION,
     Origin,
     finite_in_float32,
@@ -138,7 +138,7 @@ class Walker:
         key = (id(jaxpr), out_fwd, backward)
         if key not in self._labels:
             self._keep.append(jaxpr)
-            self._labels[key] = debug_phase.label_equations(jaxpr, out_fwd, backward)
+            self._labels[key] = phase_labels.label_equations(jaxpr, out_fwd, backward)
         return self._labels[key]
 
     def _eval(self, jaxpr, consts, args, arg_taints, arg_grad, site, out_fwd):
@@ -188,13 +188,13 @@ class Walker:
             sub_site = _Site(
                 site.name_stack + eqn.source_info.name_stack,
                 tb_frames + site.frames,
-                site.backward or label == debug_phase.BACKWARD,
+                site.backward or label == phase_labels.BACKWARD,
                 site.iterations,
             )
             outs, out_taints = self._eqn(
                 eqn, invals, in_taints, sub_site, phase, eqn_flags[i], in_grad, label
             )
-            out_grad = in_grad or label == debug_phase.BACKWARD
+            out_grad = in_grad or label == phase_labels.BACKWARD
             for v, val, t in zip(eqn.outvars, outs, out_taints):
                 if isinstance(v, jcore.DropVar):
                     continue
@@ -211,9 +211,9 @@ class Walker:
 
     @staticmethod
     def _phase(label: str, in_grad: bool, frames: tuple[Frame, ...]) -> str:
-        if label == debug_phase.FEEDS_BACKWARD:
+        if label == phase_labels.FEEDS_BACKWARD:
             return "backward" if in_grad else "forward"
-        if label != debug_phase.FORWARD:
+        if label != phase_labels.FORWARD:
             return "backward"
         if in_grad or any(is_optimizer_file(f.file) for f in frames[:12]):
             return "update"
@@ -224,7 +224,7 @@ class Walker:
         params = eqn.params
         if name in _SKIPPED:
             return [], []
-        if label in (debug_phase.FORWARD, debug_phase.FEEDS_BACKWARD) and phase == "forward":
+        if label in (phase_labels.FORWARD, phase_labels.FEEDS_BACKWARD) and phase == "forward":
             self._remember_forward_op(eqn, site)
         if name in _CALL_PARAMS and _CALL_PARAMS[name] in params:
             jaxpr, consts = _sub_jaxpr(params[_CALL_PARAMS[name]])

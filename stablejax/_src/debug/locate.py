@@ -11,13 +11,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from stablejax._src import debug_nnx
-from stablejax._src.debug_diagnose import diagnose
-from stablejax._src.debug_history import History, parse_history
-from stablejax._src.debug_interpreter import INTENTIONAL, Walker
-from stablejax._src.debug_report import Report
-from stablejax._src.debug_source import Frame, is_user_file, module_path
-from stablejax._src.debug_values import Origin, is_float, nonfinite_kind
+from stablejax._src.debug import nnx_names
+from stablejax._src.debug.diagnose import diagnose
+from stablejax._src.debug.history import History, parse_history
+from stablejax._src.debug.interpreter import INTENTIONAL, Walker
+from stablejax._src.debug.report import Report
+from stablejax._src.debug.source import Frame, is_user_file, module_path
+from stablejax._src.debug.values import Origin, is_float, nonfinite_kind
 
 # Part of jax's tracing-cache key: tracing under a value of our own makes
 # `jax.jit`/`nnx.jit` functions that already ran re-trace, so NNX module names
@@ -168,7 +168,7 @@ def _locate(
         return fn(*a, **k)
 
     try:
-        with debug_nnx.nnx_module_names(), _FRESH_TRACE("stablejax.debug.locate"):
+        with nnx_names.nnx_module_names(), _FRESH_TRACE("stablejax.debug.locate"):
             closed = jax.make_jaxpr(flat_fn)(*[leaves[i] for i in dyn])
     except Exception as e:
         shapes = ", ".join(
@@ -260,7 +260,7 @@ def _report(
     user = [f for f in origin.frames if is_user_file(f.file)]
     func = user[0].function if user else None
     line_text = linecache.getline(user[0].file, user[0].line) if user else ""
-    module = module_path(origin.scopes, frozenset(debug_nnx.ROOT_NAMES))
+    module = module_path(origin.scopes, frozenset(nnx_names.ROOT_NAMES))
     scoped = walker.scoped or any(o.scopes for o in walker.origins)
     d = diagnose(
         origin,

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from stablejax._src.guard_metrics import find_guard_state
+from stablejax._src.optim.metrics import find_guard_state
 from stablejax._src.typing import Array, PyTree
 
 Batch = dict[str, np.ndarray]

@@ -1,0 +1,1 @@
+"""stablejax's debug pillar (private)."""

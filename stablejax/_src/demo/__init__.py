@@ -1,0 +1,1 @@
+"""stablejax's demo pillar (private)."""

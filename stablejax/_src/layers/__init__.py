@@ -1,0 +1,1 @@
+"""stablejax's layers pillar (private)."""

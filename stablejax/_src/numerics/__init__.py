@@ -1,0 +1,1 @@
+"""stablejax's numerics pillar (private)."""

@@ -1,0 +1,1 @@
+"""stablejax's optim pillar (private)."""
