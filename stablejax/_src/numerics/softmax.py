@@ -27,9 +27,11 @@ ignored.
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from stablejax._src import validation
 from stablejax._src.numerics.dtypes import compute_dtype
@@ -49,8 +51,20 @@ def _check_where(where: ArrayLike | None, shape: tuple[int, ...], name: str) -> 
     return validation.broadcast_mask(where, shape, name)
 
 
+def _check_axis(axis: Axis, name: str) -> None:
+    entries = axis if isinstance(axis, (tuple, list)) else (axis,)
+    if axis is None:
+        return
+    if not all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in entries):
+        raise TypeError(
+            f"{name}: `axis` must be an int, a tuple of ints or None, got {axis!r}; "
+            f"e.g. axis=-1."
+        )
+
+
 def _prepare(x: ArrayLike, axis: Axis, where: ArrayLike | None, name: str):
     validation.check_float("x", x, name)
+    _check_axis(axis, name)
     x = jnp.asarray(x)
     axes = validation.canonical_axes(x.ndim, axis, name)
     mask = _check_where(where, x.shape, name)
@@ -64,7 +78,7 @@ def _row_max(x: Array, axes: tuple[int, ...], where: Array | None) -> tuple[Arra
 
 
 def _log_tiny(dtype) -> float:
-    return float(jnp.log(jnp.finfo(dtype).tiny))
+    return float(np.log(float(jnp.finfo(dtype).tiny)))
 
 
 # --------------------------------------------------------------------------- softmax
