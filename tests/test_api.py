@@ -6,10 +6,12 @@ import types
 import pytest
 
 PUBLIC = {
-    "stablejax": {"safe_div", "safe_log", "safe_norm", "safe_normalize", "safe_rsqrt",
-                  "safe_sqrt", "safe_std", "safe_var"},
-    "stablejax.nn": {"L2Normalize", "LayerNorm", "RMSNorm", "StdPool"},
-    "stablejax.nnx": {"L2Normalize", "LayerNorm", "RMSNorm", "StdPool"},
+    "stablejax": {"safe_arccos", "safe_arcsin", "safe_arctan2", "safe_div", "safe_log",
+                  "safe_log_softmax", "safe_logsumexp", "safe_norm", "safe_normalize",
+                  "safe_pow", "safe_rsqrt", "safe_softmax", "safe_sqrt", "safe_std", "safe_var",
+                  "safe_xlogx"},
+    "stablejax.nn": {"L2Normalize", "LayerNorm", "RMSNorm", "StdPool", "dot_product_attention"},
+    "stablejax.nnx": {"L2Normalize", "LayerNorm", "RMSNorm", "StdPool", "dot_product_attention"},
     "stablejax.losses": {"mae", "rmse"},
 }
 
