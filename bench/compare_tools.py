@@ -57,6 +57,40 @@ def numerics():
         fmt(jnp.linalg.norm(big)), fmt(sj.safe_norm(big)))
 
 
+def singular_ops():
+    row("grad of arccos at 1 (ArcFace, aligned feature)", "jnp.arccos",
+        fmt(jax.grad(jnp.arccos)(1.0)), fmt(jax.grad(sj.safe_arccos)(1.0)))
+    row("arccos of a cosine rounded to 1.0000001", "jnp.arccos",
+        fmt(jnp.arccos(jnp.float32(1.0000001))), fmt(sj.safe_arccos(jnp.float32(1.0000001))))
+    row("grad of arctan2 at the origin", "jnp.arctan2",
+        fmt(jax.grad(jnp.arctan2, (0, 1))(0.0, 0.0)),
+        fmt(jax.grad(sj.safe_arctan2, (0, 1))(0.0, 0.0)))
+    row("grad of abs(x)**0.5 at 0 (in x, in p)", "jnp.abs(x) ** p",
+        fmt(jax.grad(lambda x, p: jnp.abs(x) ** p, (0, 1))(0.0, 0.5)),
+        fmt(jax.grad(sj.safe_pow, (0, 1))(0.0, 0.5)))
+    probs = jnp.array([0.0, 0.25, 0.75])
+    row("grad of entropy at p = [0, .25, .75]", "-xlogy(p, p).sum()",
+        fmt(jax.grad(lambda q: -jax.scipy.special.xlogy(q, q).sum())(probs)),
+        fmt(jax.grad(lambda q: -sj.safe_xlogx(q).sum())(probs)))
+    neg = jnp.full(3, -jnp.inf)
+    row("softmax of a row of -inf logits (user's mask)", "jax.nn.softmax",
+        fmt(jax.nn.softmax(neg)), fmt(sj.safe_softmax(neg)))
+    dead = jnp.zeros(3, bool)
+    row("logsumexp of a fully masked row", "jax.nn.logsumexp",
+        fmt(jax.nn.logsumexp(jnp.zeros(3), where=dead)),
+        fmt(sj.safe_logsumexp(jnp.zeros(3), where=dead)))
+    row("grad of log_softmax.sum() on a row of -inf", "jax.nn.log_softmax",
+        fmt(jax.grad(lambda v: jnp.sum(jnp.where(jnp.isfinite(jax.nn.log_softmax(v)),
+                                                 jax.nn.log_softmax(v), 0.0)))(neg)),
+        fmt(jax.grad(lambda v: jnp.sum(sj.safe_log_softmax(v)))(neg)))
+    q = jnp.ones((1, 2, 1, 2))
+    v = jnp.arange(4.0).reshape(1, 2, 1, 2)
+    mask = jnp.array([[True, True], [False, False]])[None, None]  # query 1 sees no key
+    row("attention output of a query with every key masked", "flax.linen.dot_product_attention",
+        fmt(fnn.dot_product_attention(q, q, v, mask=mask)[0, 1, 0]),
+        fmt(nn.dot_product_attention(q, q, v, mask=mask)[0, 1, 0]))
+
+
 def layers():
     x = jnp.full((1, 4), 0.1)
     params = {"params": {"scale": jnp.ones(4), "bias": jnp.zeros(4)}}
@@ -124,7 +158,7 @@ def optimizers():
 
 
 def main():
-    numerics(), layers(), optimizers()
+    numerics(), singular_ops(), layers(), optimizers()
     print("| case | baseline | baseline gives | stablejax gives |")
     print("|---|---|---|---|")
     for r in ROWS:
