@@ -1,9 +1,19 @@
 """Safe Flax linen layers: drop-in normalization and pooling that stay finite."""
 
+from stablejax._src.layers.attention import (
+    MultiHeadDotProductAttention as MultiHeadDotProductAttention,
+)
 from stablejax._src.layers.attention import linen_dot_product_attention as dot_product_attention
 from stablejax._src.layers.linen import L2Normalize as L2Normalize
 from stablejax._src.layers.linen import LayerNorm as LayerNorm
 from stablejax._src.layers.linen import RMSNorm as RMSNorm
 from stablejax._src.layers.linen import StdPool as StdPool
 
-__all__ = ["L2Normalize", "LayerNorm", "RMSNorm", "StdPool", "dot_product_attention"]
+__all__ = [
+    "L2Normalize",
+    "LayerNorm",
+    "MultiHeadDotProductAttention",
+    "RMSNorm",
+    "StdPool",
+    "dot_product_attention",
+]

@@ -10,8 +10,10 @@ PUBLIC = {
                   "safe_log_softmax", "safe_logsumexp", "safe_norm", "safe_normalize",
                   "safe_pow", "safe_rsqrt", "safe_softmax", "safe_sqrt", "safe_std", "safe_var",
                   "safe_xlogx"},
-    "stablejax.nn": {"L2Normalize", "LayerNorm", "RMSNorm", "StdPool", "dot_product_attention"},
-    "stablejax.nnx": {"L2Normalize", "LayerNorm", "RMSNorm", "StdPool", "dot_product_attention"},
+    "stablejax.nn": {"L2Normalize", "LayerNorm", "MultiHeadDotProductAttention", "RMSNorm",
+                     "StdPool", "dot_product_attention"},
+    "stablejax.nnx": {"L2Normalize", "LayerNorm", "MultiHeadAttention", "RMSNorm", "StdPool",
+                      "dot_product_attention"},
     "stablejax.losses": {"mae", "rmse"},
 }
 

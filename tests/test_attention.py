@@ -1,6 +1,8 @@
 """dot_product_attention (linen and NNX): flax's on queries with a valid key, zero output
 and zero gradient on fully masked ones."""
 
+import inspect
+
 import flax.linen as fnn
 import jax
 import jax.numpy as jnp
@@ -116,3 +118,21 @@ def test_bad_mask_is_a_clear_error():
     nn.dot_product_attention(Q, K, V, mask=MASK.astype(jnp.float32) > 0)
     with pytest.raises(ValueError, match="multiple"):
         nn.dot_product_attention(Q, K[..., :3, :], V[..., :3, :])
+
+
+def test_layer_classes_are_flax_layers_with_the_safe_default():
+    x = jax.random.normal(_K[1], (2, 3, 8))
+    dead = jnp.zeros((2, 1, 3, 3), bool).at[0].set(True)
+    params = fnn.MultiHeadDotProductAttention(num_heads=2).init(jax.random.key(0), x)
+    ours = nn.MultiHeadDotProductAttention(num_heads=2)
+    assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(params)
+    out = ours.apply(params, x, mask=dead)
+    ref = fnn.MultiHeadDotProductAttention(num_heads=2).apply(params, x, mask=dead)
+    np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(ref[0]))
+    assert (np.asarray(out[1]) == 0).all() and np.abs(np.asarray(ref[1])).max() > 0
+    layer = snnx.MultiHeadAttention(2, 8, rngs=nnx.Rngs(0), decode=False)
+    assert isinstance(layer, nnx.MultiHeadAttention)
+    assert layer.attention_fn is snnx.dot_product_attention
+    assert (np.asarray(layer(x, mask=dead)[1]) == 0).all()
+    params_ = inspect.signature(snnx.MultiHeadAttention.__init__).parameters
+    assert list(params_) == list(inspect.signature(nnx.MultiHeadAttention.__init__).parameters)

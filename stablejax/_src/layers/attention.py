@@ -20,9 +20,11 @@ logits in a different order: equal to rounding.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as linen
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -231,3 +233,55 @@ def nnx_dot_product_attention(
         query, key, bias, mask, broadcast_dropout=broadcast_dropout, dropout_rng=dropout_rng,
         dropout_rate=dropout_rate, deterministic=deterministic, einsum=einsum, sow=sow)
     return attend(weights, value, einsum)
+
+
+class MultiHeadDotProductAttention(linen.MultiHeadDotProductAttention):
+    r"""``flax.linen.MultiHeadDotProductAttention`` with the safe attention function.
+
+    Same fields, parameters and outputs as flax's layer, except that
+    ``attention_fn`` defaults to :func:`stablejax.nn.dot_product_attention`: a
+    query with every key masked gives the output projection of 0 (its bias)
+    and passes no gradient, where flax's layer attends uniformly.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from stablejax import nn
+      >>> layer = nn.MultiHeadDotProductAttention(num_heads=2)
+      >>> x = jnp.ones((1, 3, 4))
+      >>> params = layer.init(jax.random.key(0), x)
+      >>> layer.apply(params, x, mask=jnp.zeros((1, 1, 3, 3), bool))[0, 0]
+      Array([0., 0., 0., 0.], dtype=float32)
+    """
+
+    attention_fn: Callable[..., Array] = linen_dot_product_attention
+
+
+class MultiHeadAttention(nnx.MultiHeadAttention):
+    r"""``flax.nnx.MultiHeadAttention`` with the safe attention function.
+
+    Takes exactly the arguments of ``nnx.MultiHeadAttention``; ``attention_fn``
+    defaults to :func:`stablejax.nnx.dot_product_attention`, so a query with every
+    key masked gives the output projection of 0 and passes no gradient.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from stablejax import nnx as snnx
+      >>> layer = snnx.MultiHeadAttention(2, 4, rngs=nnx.Rngs(0), decode=False)
+      >>> layer(jnp.ones((1, 3, 4)), mask=jnp.zeros((1, 1, 3, 3), bool))[0, 0]
+      Array([0., 0., 0., 0.], dtype=float32)
+    """
+
+    def __init__(self, *args: Any, attention_fn: Callable[..., Array] = nnx_dot_product_attention,
+                 **kwargs: Any):
+        super().__init__(*args, attention_fn=attention_fn, **kwargs)
+
+
+def _with_default(sig: inspect.Signature, name: str, default: Any) -> inspect.Signature:
+    return sig.replace(parameters=[
+        p.replace(default=default) if p.name == name else p for p in sig.parameters.values()])
+
+
+# inspect.signature shows flax's parameters, with the new default.
+MultiHeadAttention.__init__.__signature__ = _with_default(
+    inspect.signature(nnx.MultiHeadAttention.__init__), "attention_fn", nnx_dot_product_attention)
