@@ -218,14 +218,26 @@ def safe_log_softmax(x: ArrayLike, axis: Axis = -1, where: ArrayLike | None = No
 # --------------------------------------------------------------------------- logsumexp
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 3))
-def _logsumexp(x: Array, axes: tuple[int, ...], where: Array | None, keepdims: bool) -> Array:
-    a = x if where is None else jnp.where(where, x, 0.0)
+def _logsumexp_parts(x: Array, axes: tuple[int, ...], where: Array | None):
+    """jax.nn.logsumexp's arithmetic, keepdims; also returns the row's softmax.
+
+    Masked entries are set to ``-inf`` (jax sets 0): they are left out of the max
+    and the sum either way, so the result is the same, and their ``exp`` is 0.
+    """
+    a = x if where is None else jnp.where(where, x, -jnp.inf)
     amax = jnp.max(a, axes, where=where, initial=-jnp.inf, keepdims=True)
     empty = amax == -jnp.inf
-    amax = jnp.where(jnp.isfinite(amax), amax, 0.0)
-    total = jnp.abs(jnp.sum(jnp.exp(a - amax), axes, where=where, keepdims=True))
-    out = jnp.where(empty, _log_tiny(x.dtype), jnp.log(jnp.where(empty, 1.0, total)) + amax)
+    amax = jax.lax.stop_gradient(jnp.where(jnp.isfinite(amax), amax, 0.0))
+    e = jnp.exp(a - amax)
+    total = jnp.abs(jnp.sum(e, axes, where=where, keepdims=True))
+    safe_total = jnp.where(empty, 1.0, total)
+    out = jnp.where(empty, _log_tiny(x.dtype), jnp.log(safe_total) + amax)
+    return out, e / safe_total
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 3))
+def _logsumexp(x: Array, axes: tuple[int, ...], where: Array | None, keepdims: bool) -> Array:
+    out, _ = _logsumexp_parts(x, axes, where)
     return out if keepdims else jnp.squeeze(out, axes)
 
 
@@ -236,11 +248,13 @@ def _logsumexp_jvp(axes, keepdims, primals, tangents):
     .. math::
         \dot y = \sum_{j\ \mathrm{valid}} \mathrm{softmax}(x)_j \dot x_j
 
-    which is 0 on a row with no valid entry (every probability is 0 there).
+    which is 0 on a row with no valid entry (every probability is 0 there). The
+    probabilities reuse the forward's exponentials (one pass, as autodiff of
+    ``jax.nn.logsumexp``).
     """
     (x, where), (dx, _) = primals, tangents
-    y = _logsumexp(x, axes, where, keepdims)
-    p = _softmax(x, axes, where)
+    out, p = _logsumexp_parts(x, axes, where)
+    y = out if keepdims else jnp.squeeze(out, axes)
     return y, jnp.sum(p * dx, axes, where=where, keepdims=keepdims)
 
 
