@@ -157,3 +157,19 @@ def test_bad_arguments_raise_clear_errors():
     sj.safe_pow(jnp.ones(3), 0.5)  # the suggested fix is accepted
     with pytest.raises(ValueError, match="grad_floor"):
         sj.safe_arctan2(1.0, 1.0, grad_floor=-1.0)
+
+
+def test_float64_under_x64():
+    with jax.enable_x64(True):
+        u = jnp.asarray(np.asarray(UNIT), jnp.float64)
+        np.testing.assert_array_equal(np.asarray(sj.safe_arccos(u)), np.asarray(jnp.arccos(u)))
+        for fn in (sj.safe_arccos, sj.safe_arcsin):
+            g = _grad1(fn)(u)
+            assert g.dtype == jnp.float64 and g[0] == 0 and g[-1] == 0
+            np.testing.assert_allclose(np.asarray(g[1:-1]), np.asarray(_grad1(
+                jnp.arccos if fn is sj.safe_arccos else jnp.arcsin)(u[1:-1])), rtol=1e-12)
+        zero = jnp.float64(0.0)
+        assert float(jax.grad(sj.safe_pow)(zero, 0.5)) == 0.0
+        assert float(jax.grad(sj.safe_xlogx)(zero)) == 0.0
+        gy, gx = jax.grad(sj.safe_arctan2, argnums=(0, 1))(zero, zero)
+        assert gy.dtype == jnp.float64 and float(gy) == 0.0 and float(gx) == 0.0

@@ -168,3 +168,16 @@ def test_bad_arguments_raise_clear_errors():
         sj.safe_logsumexp(X, keepdims="yes")
     with pytest.raises(ValueError, match="broadcast"):
         sj.safe_softmax(X, where=jnp.ones(4, bool))
+
+
+def test_float64_under_x64():
+    with jax.enable_x64(True):
+        x, where = jnp.asarray(np.asarray(X), jnp.float64), WHERE
+        for name, (ours, theirs) in OPS.items():
+            a, b = np.asarray(ours(x, where=where)), np.asarray(theirs(x, where=where))
+            assert a.dtype == np.float64, name
+            np.testing.assert_array_equal(a[~EMPTY], b[~EMPTY], err_msg=name)
+        lse = np.asarray(sj.safe_logsumexp(x, axis=1, where=where))
+        assert (lse[EMPTY] == np.log(np.finfo(np.float64).tiny)).all()
+        g = jax.grad(lambda v: sj.safe_log_softmax(v, where=where)[EMPTY].sum())(x)
+        assert g.dtype == jnp.float64 and (np.asarray(g) == 0).all()
