@@ -42,7 +42,8 @@ def _check_where(where: ArrayLike | None, shape: tuple[int, ...], name: str) -> 
     """Returns ``where`` broadcast to ``shape`` as bool; a non-boolean mask is an error."""
     if where is None:
         return None
-    dtype = jnp.result_type(where)
+    where = jnp.asarray(where)
+    dtype = where.dtype
     if dtype != jnp.bool_:
         raise TypeError(
             f"{name}: `where` must be a boolean mask, got dtype {dtype} (a float mask would "
