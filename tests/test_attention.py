@@ -95,21 +95,6 @@ def test_dropout_and_sow_as_flax():
     np.testing.assert_array_equal(np.where(VALID, a, 0), np.where(VALID, b, 0))
 
 
-def test_usable_as_attention_fn_of_flax_layers():
-    x = jax.random.normal(_K[0], (2, 3, 8))
-    dead = jnp.zeros((2, 1, 3, 3), bool).at[0].set(True)  # batch 1 sees no key at all
-    layer = fnn.MultiHeadDotProductAttention(num_heads=2, attention_fn=nn.dot_product_attention)
-    params = layer.init(jax.random.key(0), x)
-    out = layer.apply(params, x, mask=dead)
-    ref = fnn.MultiHeadDotProductAttention(num_heads=2).apply(params, x, mask=dead)
-    np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(ref[0]))
-    assert (np.asarray(out[1]) == 0).all()  # zero-initialised output bias: exactly 0
-    mha = nnx.MultiHeadAttention(2, 8, attention_fn=snnx.dot_product_attention,
-                                 rngs=nnx.Rngs(0), decode=False)
-    out = mha(x, mask=dead)
-    assert (np.asarray(out[1]) == 0).all() and np.isfinite(np.asarray(out)).all()
-
-
 def test_bad_mask_is_a_clear_error():
     with pytest.raises(TypeError, match="mask > 0"):
         nn.dot_product_attention(Q, K, V, mask=MASK.astype(jnp.float32))
@@ -120,7 +105,7 @@ def test_bad_mask_is_a_clear_error():
         nn.dot_product_attention(Q, K[..., :3, :], V[..., :3, :])
 
 
-def test_layer_classes_are_flax_layers_with_the_safe_default():
+def test_layer_classes_are_flax_layers_with_the_safe_attention_fn():
     x = jax.random.normal(_K[1], (2, 3, 8))
     dead = jnp.zeros((2, 1, 3, 3), bool).at[0].set(True)
     params = fnn.MultiHeadDotProductAttention(num_heads=2).init(jax.random.key(0), x)
