@@ -8,6 +8,7 @@ Layers live in :mod:`stablejax.nn` (Flax linen) and :mod:`stablejax.nnx`
 :mod:`stablejax.optim` and NaN diagnosis in :mod:`stablejax.debug`.
 """
 
+from stablejax._src.numerics.harden import harden as harden
 from stablejax._src.numerics.ops import safe_div as safe_div
 from stablejax._src.numerics.ops import safe_log as safe_log
 from stablejax._src.numerics.ops import safe_rsqrt as safe_rsqrt
@@ -20,6 +21,7 @@ from stablejax._src.numerics.reductions import safe_var as safe_var
 __version__ = "0.1.0"
 
 __all__ = [
+    "harden",
     "safe_div",
     "safe_log",
     "safe_norm",

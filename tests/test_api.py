@@ -6,7 +6,7 @@ import types
 import pytest
 
 PUBLIC = {
-    "stablejax": {"safe_div", "safe_log", "safe_norm", "safe_normalize", "safe_rsqrt",
+    "stablejax": {"harden", "safe_div", "safe_log", "safe_norm", "safe_normalize", "safe_rsqrt",
                   "safe_sqrt", "safe_std", "safe_var"},
     "stablejax.nn": {"L2Normalize", "LayerNorm", "RMSNorm", "StdPool"},
     "stablejax.nnx": {"L2Normalize", "LayerNorm", "RMSNorm", "StdPool"},
