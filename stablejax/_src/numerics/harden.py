@@ -75,6 +75,7 @@ class _Evaluator:
              arg_facts: Sequence[int] | None = None, name_stack: Any = None) -> list:
         env: dict[Any, Any] = {}
         facts: dict[Any, int] = {}
+        tags: dict[Any, Any] = {}
         for v, c in zip(jaxpr.constvars, consts):
             env[v] = c
             facts[v] = self._fact_of_value(c)
@@ -102,6 +103,10 @@ class _Evaluator:
                 outs = self._eqn(eqn, invals, in_facts, stack)
             same = len(eqn.invars) == 2 and eqn.invars[0] is eqn.invars[1]
             out_fact = rules.propagate(eqn.primitive.name, eqn.params, in_facts, same)
+            out_fact |= rules.shift_fact(eqn.primitive.name, eqn.params, eqn.invars, tags)
+            tag = rules.shift_tag(eqn.primitive.name, eqn.params, eqn.invars, tags)
+            if tag is not None:
+                tags[eqn.outvars[0]] = tag
             for i, (v, o) in enumerate(zip(eqn.outvars, outs)):
                 if isinstance(v, jcore.DropVar):
                     continue
@@ -147,7 +152,6 @@ class _Evaluator:
         consts, init, xs = invals[:nc], invals[nc:nc + ncarry], invals[nc + ncarry:]
         xs_facts = in_facts[nc + ncarry:]
         body_jaxpr, _ = _closed(p["jaxpr"])
-        run = self._body(p["jaxpr"], in_facts[:nc], stack)
         carry_avals = [v.aval for v in body_jaxpr.invars[nc:nc + ncarry]]
 
         def step(carry, x):
@@ -156,7 +160,6 @@ class _Evaluator:
             outs = [_match(o, v.aval) for o, v in zip(outs, body_jaxpr.outvars)]
             return outs[:ncarry], outs[ncarry:]
 
-        del run
         init = [_match(c, a) for c, a in zip(init, carry_avals)]
         kwargs = {}
         if "_split_transpose" in p:

@@ -2,26 +2,27 @@ r"""The safe rule of each singular primitive, and the sign facts that skip it.
 
 :func:`stablejax.harden` re-evaluates a jaxpr equation by equation and, for the
 primitives listed in :data:`RULES`, binds the safe rule instead of the plain
-one. Every rule has the contract of :mod:`stablejax._src.numerics.ops`: the
-forward equals the plain primitive wherever that is finite, the derivative
-equals the plain derivative wherever that is finite, and at the singular point
-value and derivative are finite and documented.
+one. Every rule keeps the value and derivative of the plain primitive, bit for
+bit, wherever those are finite, and at the singular point takes the value and
+derivative (0) that the matching stablejax op documents:
 
-======================  ====================================  =====================
-primitive               at the singular point                 rule
-======================  ====================================  =====================
-``sqrt``                ``x <= 0``: 0, derivative 0           :func:`safe_sqrt`
-``rsqrt``               ``x <= 0``: 0, derivative 0           :func:`safe_rsqrt`
-``log``                 ``x <= 0``: ``log(tiny)``, deriv. 0   :func:`safe_log`
-``div``                 ``b == 0``: 0, derivatives 0          :func:`safe_div`
-``log1p``               ``x <= -1``: ``log(tiny)``, deriv. 0  :func:`safe_log1p`
-``integer_pow`` (n<0)   ``x == 0``: 0, derivative 0           :func:`safe_integer_pow`
-``pow``                 ``x == 0, y < 0`` or ``x < 0`` with   :func:`safe_pow`
-                        fractional ``y``: 0, derivatives 0
-``acos``, ``asin``      ``|x| >= 1``: value at ``clip(x)``,   :func:`safe_acos`,
-                        derivative 0                          :func:`safe_asin`
-``atan2``               ``(0, 0)``: value 0, derivatives 0    :func:`safe_atan2`
-======================  ====================================  =====================
+=======================  ======================================  ==================
+primitive                singular set: value, derivative         convention of
+=======================  ======================================  ==================
+``sqrt``                 finite ``x <= 0``: 0, 0                 ``safe_sqrt``
+``rsqrt``                finite ``x <= 0``: 0, 0                 ``safe_rsqrt``
+``log``                  finite ``x <= 0``: ``log(tiny)``, 0     ``safe_log``
+``div``                  ``b == 0``, finite ``a``: 0, 0          ``safe_div``
+``log1p``                finite ``x <= -1``: ``log(tiny)``, 0    ``safe_log``
+``integer_pow`` (n < 0)  ``x == 0``: 0, 0                        ``safe_div``
+``pow``                  ``x == 0, y < 1, y != 0`` or ``x < 0``  ``safe_sqrt``
+                         with fractional ``y``: 0, 0
+``acos``, ``asin``       ``|x| >= 1``: value at ``clip(x)``, 0   ``safe_sqrt``
+``atan2``                ``x == y == 0``: ``atan2``'s value, 0   ``safe_norm``
+=======================  ======================================  ==================
+
+Unlike the ops themselves, the rules floor no derivative: the brief of
+``harden`` is to change nothing where the program is finite.
 
 The derivative rules of these primitives are themselves made of the same
 primitives (``sqrt``'s is ``0.5 / sqrt(x)``, ``log``'s is ``g / x``, ``acos``'s
@@ -38,7 +39,6 @@ literals and constants, ``nonneg + positive`` (flax's ``rsqrt(var + eps)``),
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,8 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-
-from stablejax._src.numerics.ops import safe_div, safe_log, safe_rsqrt, safe_sqrt
+from jax.extend import core as jcore
 
 NONNEG = 1
 NONZERO = 2
@@ -80,7 +79,44 @@ _SHAPE_OPS = frozenset({
     "copy_p", "slice", "dynamic_slice", "rev", "reduce_max", "reduce_min",
     "reduce_precision", "optimization_barrier",
 })
-_NONNEG_OPS = frozenset({"exp", "exp2", "sqrt", "abs", "logistic", "square"})
+_NONNEG_OPS = frozenset({"exp", "exp2", "sqrt", "logistic", "square"})
+_TAG_KEEP = frozenset({"broadcast_in_dim", "stop_gradient", "reshape", "max", "select_n"})
+
+
+def shift_tag(name: str, params: dict, invars: Sequence[Any], tags: dict) -> Any:
+    """Recognises the shifted exponential of a softmax or a logsumexp.
+
+    ``exp(x - max(x, axes))`` has a 1 along ``axes``, so its sum over ``axes``
+    is at least 1: the divisor of ``jax.nn.softmax`` and the argument of the
+    ``log`` in ``logsumexp`` are positive by construction. Tags:
+    ``("max", x, axes)``, ``("shifted", axes)``, ``("exp", axes)``.
+    """
+    tagged = [tags.get(v) for v in invars if not _is_literal(v)]
+    if name == "reduce_max":
+        return ("max", invars[0], tuple(params["axes"]))
+    if name in _TAG_KEEP:
+        found = [t for t in tagged if t is not None and t[0] == "max"]
+        return found[0] if len(found) == 1 else None
+    if name == "sub" and not _is_literal(invars[1]):
+        t = tags.get(invars[1])
+        if t is not None and t[0] == "max" and t[1] is invars[0]:
+            return ("shifted", t[2])
+    if name == "exp" and tagged and tagged[0] is not None and tagged[0][0] == "shifted":
+        return ("exp", tagged[0][1])
+    return None
+
+
+def shift_fact(name: str, params: dict, invars: Sequence[Any], tags: dict) -> int:
+    """``POS`` for ``reduce_sum`` over ``axes`` of a tagged ``("exp", axes)``, else 0."""
+    if name == "reduce_sum" and not _is_literal(invars[0]):
+        t = tags.get(invars[0])
+        if t is not None and t[0] == "exp" and t[1] == tuple(params["axes"]):
+            return POS
+    return 0
+
+
+def _is_literal(v: Any) -> bool:
+    return isinstance(v, jcore.Literal)
 
 
 def propagate(name: str, params: dict, in_facts: Sequence[int], same_operand: bool) -> int:
@@ -97,6 +133,8 @@ def propagate(name: str, params: dict, in_facts: Sequence[int], same_operand: bo
         return f[0] & NONNEG
     if name in _NONNEG_OPS:
         return NONNEG
+    if name == "abs":
+        return NONNEG | (f[0] & NONZERO)
     if name == "integer_pow":
         return NONNEG if params["y"] % 2 == 0 else f[0] & NONNEG
     if name == "mul":
@@ -124,122 +162,92 @@ def propagate(name: str, params: dict, in_facts: Sequence[int], same_operand: bo
     return 0
 
 
-# --------------------------------------------------------------------------- new safe ops
+# --------------------------------------------------------------------------- safe rules
+#
+# Each rule is the double-``where`` form: the plain primitive evaluated at a
+# harmless input where the point is singular, selected away there. Off the
+# singular set the result *and* its derivatives are those of the plain
+# primitive, bit for bit (no extra rounding, so a clean model is unchanged); on
+# it the value is the documented constant and the derivative 0, to every order.
 
 
-def _sing_tiny(x):
-    return jnp.asarray(jnp.log(jnp.finfo(x.dtype).tiny), x.dtype)
+def _finite_le(x, bound):
+    return (x <= bound) & (x > -jnp.inf)
 
 
-@jax.custom_jvp
-def safe_log1p(x):
-    r""":math:`\log(1 + x)`, equal to ``log(tiny)`` with derivative 0 for ``x <= -1``."""
-    sing = (x <= -1) & jnp.isfinite(x)
-    return jnp.where(sing, _sing_tiny(x), jnp.log1p(jnp.where(sing, 0.0, x)))
+def _log_tiny(x):
+    return jnp.asarray(np.log(np.finfo(x.dtype).tiny), x.dtype)
 
 
-@safe_log1p.defjvp
-def _safe_log1p_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
-    sing = (x <= -1) & jnp.isfinite(x)
-    coef = jnp.where(sing, 0.0, 1.0 / jnp.where(sing, 1.0, 1.0 + x))
-    return safe_log1p(x), coef.astype(x.dtype) * dx
+def safe_sqrt_rule(x):
+    r"""``safe_sqrt``'s rule: :math:`\sqrt{x}`; 0 with derivative 0 at finite ``x <= 0``."""
+    sing = _finite_le(x, 0)
+    return jnp.where(sing, jnp.zeros_like(x), lax.sqrt(jnp.where(sing, jnp.ones_like(x), x)))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def safe_integer_pow(x, n: int):
-    r""":math:`x^n` for ``n < 0``: 0, with derivative 0, at ``x = 0``."""
+def safe_rsqrt_rule(x):
+    r"""``safe_rsqrt``'s rule: :math:`x^{-1/2}`; 0 with derivative 0 at finite ``x <= 0``."""
+    sing = _finite_le(x, 0)
+    return jnp.where(sing, jnp.zeros_like(x), lax.rsqrt(jnp.where(sing, jnp.ones_like(x), x)))
+
+
+def safe_log_rule(x):
+    r"""``safe_log``'s rule: :math:`\log x`; ``log(tiny)`` with derivative 0 at ``x <= 0``."""
+    sing = _finite_le(x, 0)
+    return jnp.where(sing, _log_tiny(x), lax.log(jnp.where(sing, jnp.ones_like(x), x)))
+
+
+def safe_log1p_rule(x):
+    r""":math:`\log(1 + x)`; ``log(tiny)`` with derivative 0 at finite ``x <= -1``."""
+    sing = _finite_le(x, -1)
+    return jnp.where(sing, _log_tiny(x), lax.log1p(jnp.where(sing, jnp.zeros_like(x), x)))
+
+
+def safe_div_rule(a, b):
+    r"""``safe_div``'s rule: :math:`a / b`; 0 with derivatives 0 where ``b == 0`` (finite ``a``)."""
+    sing = (b == 0) & jnp.isfinite(a)
+    return jnp.where(sing, jnp.zeros_like(a), lax.div(a, jnp.where(sing, jnp.ones_like(b), b)))
+
+
+def safe_integer_pow_rule(x, n: int):
+    r""":math:`x^n` for ``n < 0``: 0 with derivative 0 at ``x = 0`` (pseudo-inverse)."""
     sing = x == 0
-    return jnp.where(sing, 0.0, lax.integer_pow(jnp.where(sing, 1.0, x), n)).astype(x.dtype)
+    return jnp.where(sing, jnp.zeros_like(x),
+                     lax.integer_pow(jnp.where(sing, jnp.ones_like(x), x), n))
 
 
-@safe_integer_pow.defjvp
-def _safe_integer_pow_jvp(n, primals, tangents):
-    r""":math:`n\,x^{n-1}`, with the same rule for :math:`x^{n-1}` (0 at ``x = 0``)."""
-    (x,), (dx,) = primals, tangents
-    return safe_integer_pow(x, n), (n * safe_integer_pow(x, n - 1)) * dx
+def safe_pow_rule(x, y):
+    r""":math:`x^y`, with value 0 and derivatives 0 where it or its derivative is singular.
 
-
-def _pow_singular(x, y):
-    frac = y != jnp.round(y)
-    return ((x == 0) & (y < 0)) | ((x < 0) & frac & jnp.isfinite(y))
-
-
-@jax.custom_jvp
-def safe_pow(x, y):
-    r""":math:`x^y`, 0 where it is undefined (``x = 0, y < 0``; ``x < 0``, fractional ``y``).
-
-    .. math::
-        \partial_x = y\,x^{y-1}, \qquad \partial_y = \log(x)\,x^y \ (x > 0)
-
-    with :math:`x^{y-1}` under the same rule (0 at ``x = 0`` for ``y < 1``, the
-    ``safe_sqrt`` convention) and :math:`\partial_y = 0` for ``x <= 0``.
+    The singular set: ``x = 0`` with ``y < 1, y != 0`` (the value is 0 or Inf
+    there and :math:`y\,x^{y-1}` is Inf: the ``safe_sqrt`` convention), and
+    ``x < 0`` with a fractional ``y`` (NaN). Elsewhere it is ``x ** y`` exactly.
     """
-    sing = _pow_singular(x, y)
-    return jnp.where(sing, 0.0, lax.pow(jnp.where(sing, 1.0, x), y)).astype(x.dtype)
+    sing = ((x == 0) & (y < 1) & (y != 0)) | ((x < 0) & (y != jnp.round(y)) & jnp.isfinite(y))
+    return jnp.where(sing, jnp.zeros_like(x), lax.pow(jnp.where(sing, jnp.ones_like(x), x), y))
 
 
-@safe_pow.defjvp
-def _safe_pow_jvp(primals, tangents):
-    (x, y), (dx, dy) = primals, tangents
-    out = safe_pow(x, y)
-    sing = _pow_singular(x, y)
-    cx = jnp.where(sing | (y == 0), 0.0, y * safe_pow(x, y - 1))
-    pos = x > 0
-    cy = jnp.where(pos, jnp.log(jnp.where(pos, x, 1.0)) * out, 0.0)
-    return out, (cx * dx + cy * dy).astype(out.dtype)
+def _arc(op):
+    def rule(x):
+        sing = (jnp.abs(x) >= 1) & jnp.isfinite(x)
+        edge = lax.stop_gradient(op(jnp.clip(x, -1, 1).astype(x.dtype)))
+        return jnp.where(sing, edge, op(jnp.where(sing, jnp.zeros_like(x), x)))
+
+    rule.__doc__ = (f":math:`\\{op.__name__}(x)` at ``clip(x, -1, 1)``; derivative 0 at "
+                    "``|x| >= 1``, where it is infinite or undefined.")
+    return rule
 
 
-def _inside(x):
-    return jnp.abs(x) < 1
+safe_acos_rule = _arc(lax.acos)
+safe_asin_rule = _arc(lax.asin)
 
 
-@jax.custom_jvp
-def safe_acos(x):
-    r""":math:`\arccos x`, evaluated at :math:`\mathrm{clip}(x, -1, 1)`; derivative 0 at ``|x| >= 1``."""
-    return lax.acos(jnp.clip(x, -1.0, 1.0).astype(x.dtype))
-
-
-@jax.custom_jvp
-def safe_asin(x):
-    r""":math:`\arcsin x`, evaluated at :math:`\mathrm{clip}(x, -1, 1)`; derivative 0 at ``|x| >= 1``."""
-    return lax.asin(jnp.clip(x, -1.0, 1.0).astype(x.dtype))
-
-
-def _arc_coef(x):
-    inside = _inside(x)
-    return jnp.where(inside, lax.rsqrt(jnp.where(inside, 1.0 - x * x, 1.0)), 0.0)
-
-
-@safe_acos.defjvp
-def _safe_acos_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
-    return safe_acos(x), (-_arc_coef(x) * dx).astype(x.dtype)
-
-
-@safe_asin.defjvp
-def _safe_asin_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
-    return safe_asin(x), (_arc_coef(x) * dx).astype(x.dtype)
-
-
-@jax.custom_jvp
-def safe_atan2(y, x):
-    r""":math:`\mathrm{atan2}(y, x)` with derivatives 0 at the origin.
-
-    .. math::
-        \partial_y = \frac{x}{x^2 + y^2}, \qquad \partial_x = \frac{-y}{x^2 + y^2}
-    """
-    return lax.atan2(y, x)
-
-
-@safe_atan2.defjvp
-def _safe_atan2_jvp(primals, tangents):
-    (y, x), (dy, dx) = primals, tangents
-    r2 = x * x + y * y
-    zero = r2 == 0
-    inv = jnp.where(zero, 0.0, 1.0 / jnp.where(zero, 1.0, r2))
-    return lax.atan2(y, x), ((x * dy - y * dx) * inv).astype(y.dtype)
+def safe_atan2_rule(y, x):
+    r""":math:`\mathrm{atan2}(y, x)` exactly; derivatives 0 at the origin (they are 0/0)."""
+    sing = (x == 0) & (y == 0)
+    one = jnp.ones_like(x)
+    edge = lax.stop_gradient(lax.atan2(y, x))
+    return jnp.where(sing, edge, lax.atan2(jnp.where(sing, one, y), jnp.where(sing, one, x)))
 
 
 # --------------------------------------------------------------------------- rule table
@@ -264,14 +272,14 @@ def _unary(op, needs: int):
 def _div(params, invals, facts):
     if facts[1] & NONZERO:
         return None
-    return safe_div(invals[0], invals[1])
+    return safe_div_rule(invals[0], invals[1])
 
 
 def _integer_pow(params, invals, facts):
     n = params["y"]
     if n >= 0 or facts[0] & NONZERO:
         return None
-    return safe_integer_pow(invals[0], n)
+    return safe_integer_pow_rule(invals[0], n)
 
 
 def _pow(params, invals, facts):
@@ -280,24 +288,24 @@ def _pow(params, invals, facts):
         return None
     if jnp.shape(x) != jnp.shape(y) or jnp.result_type(x) != jnp.result_type(y):
         return None
-    return safe_pow(x, y)
+    return safe_pow_rule(x, y)
 
 
 def _log1p(params, invals, facts):
-    return None if facts[0] & NONNEG else safe_log1p(invals[0])
+    return None if facts[0] & NONNEG else safe_log1p_rule(invals[0])
 
 
 RULES: dict[str, Rule] = {
-    "sqrt": _unary(safe_sqrt, POS),
-    "rsqrt": _unary(safe_rsqrt, POS),
-    "log": _unary(safe_log, POS),
+    "sqrt": _unary(safe_sqrt_rule, POS),
+    "rsqrt": _unary(safe_rsqrt_rule, POS),
+    "log": _unary(safe_log_rule, POS),
     "div": _div,
     "log1p": _log1p,
     "integer_pow": _integer_pow,
     "pow": _pow,
-    "acos": _unary(safe_acos, 1 << 8),
-    "asin": _unary(safe_asin, 1 << 8),
-    "atan2": lambda params, invals, facts: safe_atan2(*invals),
+    "acos": _unary(safe_acos_rule, 1 << 8),
+    "asin": _unary(safe_asin_rule, 1 << 8),
+    "atan2": lambda params, invals, facts: safe_atan2_rule(*invals),
 }
 
 
