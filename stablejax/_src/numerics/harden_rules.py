@@ -286,8 +286,10 @@ def _pow(params, invals, facts):
     x, y = invals
     if facts[0] == POS or not jnp.issubdtype(jnp.result_type(y), jnp.floating):
         return None
-    if jnp.shape(x) != jnp.shape(y) or jnp.result_type(x) != jnp.result_type(y):
+    if jnp.result_type(x) != jnp.result_type(y):
         return None
+    if jnp.shape(y) != jnp.shape(x):
+        y = jnp.broadcast_to(y, jnp.shape(x))
     return safe_pow_rule(x, y)
 
 
