@@ -251,12 +251,16 @@ def _call(fn: Callable, args: tuple, kwargs: dict) -> Any:
                 merged.append(module)
                 rebuilt.append(module)
         a, kw = jax.tree.unflatten(treedef, rebuilt)
-        out = fn(*a, **kw)
-        return out, [nnx.state(m) for m in merged]
+        out_leaves, out_tree[0] = jax.tree.flatten((fn(*a, **kw), [nnx.state(m) for m in merged]))
+        out_static[:] = [None if _is_dynamic(o) else (o,) for o in out_leaves]
+        return [o for o in out_leaves if _is_dynamic(o)]
 
-    closed, out_shape = jax.make_jaxpr(pure, return_shape=True)(dynamic)
-    flat = _Evaluator().eval(closed.jaxpr, closed.consts, jax.tree.leaves(dynamic))
-    out, states = jax.tree.unflatten(jax.tree.structure(out_shape), flat)
+    out_tree: list[Any] = [None]
+    out_static: list[Any] = []
+    closed = jax.make_jaxpr(pure)(dynamic)
+    flat = iter(_Evaluator().eval(closed.jaxpr, closed.consts, jax.tree.leaves(dynamic)))
+    leaves_out = [next(flat) if st is None else st[0] for st in out_static]
+    out, states = jax.tree.unflatten(out_tree[0], leaves_out)
     for node, state in zip(nodes, states):
         nnx.update(node.module, state)
     return out
