@@ -79,7 +79,7 @@ _SHAPE_OPS = frozenset({
     "copy_p", "slice", "dynamic_slice", "rev", "reduce_max", "reduce_min",
     "reduce_precision", "optimization_barrier",
 })
-_NONNEG_OPS = frozenset({"exp", "exp2", "sqrt", "logistic", "square"})
+_NONNEG_OPS = frozenset({"exp", "exp2", "logistic", "square"})
 _TAG_KEEP = frozenset({"broadcast_in_dim", "stop_gradient", "reshape", "max", "select_n"})
 
 
@@ -133,7 +133,7 @@ def propagate(name: str, params: dict, in_facts: Sequence[int], same_operand: bo
         return f[0] & NONNEG
     if name in _NONNEG_OPS:
         return NONNEG
-    if name == "abs":
+    if name in ("abs", "sqrt"):
         return NONNEG | (f[0] & NONZERO)
     if name == "integer_pow":
         return NONNEG if params["y"] % 2 == 0 else f[0] & NONNEG
