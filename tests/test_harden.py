@@ -150,3 +150,26 @@ def test_not_callable_is_a_clear_error(bad):
     with pytest.raises(TypeError, match="harden expects a function"):
         harden(bad)
     assert callable(harden(lambda x: x))  # the fix named in the message is accepted
+
+
+class DropNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.BatchNorm(use_running_average=not train)(nn.Dense(4)(x))
+        x = nn.Dropout(0.5, deterministic=not train)(x)
+        return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_linen_mutable_batch_stats_and_dropout_rngs():
+    model, x = DropNet(), jnp.zeros((3, 2))  # zero rows after BatchNorm: x / 0
+    variables = model.init(jax.random.key(0), x, False)
+
+    def fwd(v, x, key):
+        return model.apply(v, x, True, mutable=["batch_stats"], rngs={"dropout": key})
+
+    (out_p, upd_p), (out_h, upd_h) = fwd(variables, x, jax.random.key(1)), harden(fwd)(
+        variables, x, jax.random.key(1))
+    assert np.isnan(out_p).all()
+    np.testing.assert_array_equal(out_h, np.zeros((3, 4)))
+    assert jax.tree.structure(upd_h) == jax.tree.structure(upd_p)
+    jax.tree.map(np.testing.assert_array_equal, upd_h, upd_p)

@@ -233,6 +233,16 @@ class VAE(nn.Module):
         return (rec + kl)[None] / x.shape[0]
 
 
+class Contrastive(nn.Module):
+    """A SimCLR-style head: ``z / ||z||`` (its divisor is not provably non-zero)."""
+
+    @nn.compact
+    def __call__(self, x):
+        z = nn.Dense(8)(x)
+        z = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+        return z @ z.T / 0.1
+
+
 CLEAN = {
     "mlp": (MLP(), (4, 6)),
     "cnn": (CNN(), (2, 8, 8, 1)),
@@ -240,11 +250,15 @@ CLEAN = {
     "gru": (GRU(), (2, 5, 3)),
     "vae": (VAE(), (4, 6)),
 }
+# The rule on the contrastive head's division changes XLA's fusion: its gradient
+# moves by rounding (measured 6e-7 of its largest entry), no more than the
+# plain program moves between jit and op-by-op execution.
+ROUNDING = {"contrastive": (Contrastive(), (8, 6))}
 
 
-@pytest.mark.parametrize("name", sorted(CLEAN))
+@pytest.mark.parametrize("name", sorted(CLEAN) + sorted(ROUNDING))
 def test_clean_models_unchanged(name):
-    model, shape = CLEAN[name]
+    model, shape = {**CLEAN, **ROUNDING}[name]
     x = jax.random.uniform(jax.random.key(1), shape)
     params = model.init(jax.random.key(0), x)
 
@@ -256,8 +270,13 @@ def test_clean_models_unchanged(name):
     hard = jax.jit(jax.value_and_grad(harden(loss)))(params, x)
     back = jax.jit(harden(jax.grad(loss)))(params, x)
     np.testing.assert_allclose(hard[0], plain[0], rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9),
-                 hard[1], plain[1])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9),
-                 back, plain[1])
+
+    def close(a, b):
+        if name in ROUNDING:  # relative to the largest entry of the leaf
+            assert float(jnp.max(jnp.abs(a - b))) <= 1e-6 * float(jnp.max(jnp.abs(b)))
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+    jax.tree.map(close, hard[1], plain[1])
+    jax.tree.map(close, back, plain[1])
     assert jax.tree.structure(hard[1]) == jax.tree.structure(plain[1])

@@ -59,6 +59,11 @@ def _match(value: Any, aval: Any) -> Any:
     return lax_internal._convert_element_type(value, aval.dtype, weak_type=aval.weak_type)
 
 
+def _needs_facts(eqn: Any) -> bool:
+    """Constants' facts are worth reading only where a rule or a fact can use them."""
+    return eqn.primitive.name not in ("dot_general", "conv_general_dilated")
+
+
 class _Evaluator:
     """Evaluates jaxprs with the safe rules, in whatever trace the caller is in."""
 
@@ -76,9 +81,10 @@ class _Evaluator:
         env: dict[Any, Any] = {}
         facts: dict[Any, int] = {}
         tags: dict[Any, Any] = {}
+        lazy: dict[Any, Any] = {}  # constants: their facts are computed when a rule asks
         for v, c in zip(jaxpr.constvars, consts):
             env[v] = c
-            facts[v] = self._fact_of_value(c)
+            lazy[v] = c
         arg_facts = arg_facts if arg_facts is not None else [0] * len(args)
         for v, a, f in zip(jaxpr.invars, args, arg_facts):
             env[v] = a
@@ -90,11 +96,13 @@ class _Evaluator:
         def fact(v):
             if isinstance(v, jcore.Literal):
                 return rules.constant_fact(v.val)
+            if v not in facts and v in lazy:
+                facts[v] = self._fact_of_value(lazy[v])
             return facts.get(v, 0)
 
         for eqn in jaxpr.eqns:
             invals = [read(v) for v in eqn.invars]
-            in_facts = [fact(v) for v in eqn.invars]
+            in_facts = [fact(v) for v in eqn.invars] if _needs_facts(eqn) else [0] * len(invals)
             stack = eqn.source_info.name_stack
             if name_stack is not None:
                 stack = name_stack + stack
