@@ -28,8 +28,10 @@ from test_harden_zoo import CLEAN  # noqa: E402  (the clean models of the tests)
 
 import stablejax  # noqa: E402
 
-BATCH = {"mlp": (256, 6), "cnn": (32, 8, 8, 1), "transformer_block": (16, 32, 8),
-         "gru": (32, 16, 3), "vae": (256, 6)}
+# Sizes at which one gradient step takes milliseconds, not microseconds: below
+# that the ratio measures dispatch jitter on a shared machine.
+BATCH = {"mlp": (8192, 6), "cnn": (128, 16, 16, 1), "transformer_block": (32, 64, 8),
+         "gru": (128, 32, 3), "vae": (8192, 6)}
 
 
 def _contrastive(p, x):
@@ -48,8 +50,8 @@ def _cases():
             return jnp.mean(out ** 2) + jnp.mean(jax.nn.logsumexp(out, -1))
 
         yield name, loss, (params, x)
-    x = jax.random.normal(jax.random.key(2), (256, 32))
-    yield "contrastive (x/||x||)", _contrastive, (jax.random.normal(jax.random.key(3), (32, 16)), x)
+    x = jax.random.normal(jax.random.key(2), (1024, 64))
+    yield "contrastive (x/||x||)", _contrastive, (jax.random.normal(jax.random.key(3), (64, 64)), x)
 
 
 def _time(f, args, inner):
