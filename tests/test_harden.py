@@ -173,3 +173,20 @@ def test_linen_mutable_batch_stats_and_dropout_rngs():
     np.testing.assert_array_equal(out_h, np.zeros((3, 4)))
     assert jax.tree.structure(upd_h) == jax.tree.structure(upd_p)
     jax.tree.map(np.testing.assert_array_equal, upd_h, upd_p)
+
+
+def test_name_stacks_kept():
+    """A scope around the call and inside fn stay on the rewritten equations (for locate)."""
+    def f(x):
+        with jax.named_scope("inner"):
+            return jnp.sqrt(x) * 2
+
+    def stacks(g):
+        def outer(x):
+            with jax.named_scope("outer"):
+                return g(x)
+
+        return {str(e.source_info.name_stack) for e in jax.make_jaxpr(outer)(1.0).jaxpr.eqns}
+
+    assert stacks(f) == {"outer/inner"}
+    assert stacks(harden(f)) == {"outer/inner"}

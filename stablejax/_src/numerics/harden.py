@@ -266,7 +266,10 @@ def _call(fn: Callable, args: tuple, kwargs: dict) -> Any:
     out_tree: list[Any] = [None]
     out_static: list[Any] = []
     closed = jax.make_jaxpr(pure)(dynamic)
-    flat = iter(_Evaluator().eval(closed.jaxpr, closed.consts, jax.tree.leaves(dynamic)))
+    # make_jaxpr records name stacks relative to its entry: put the caller's in front
+    # (a linen scope or a jax.named_scope around the call), as the plain call has it.
+    flat = iter(_Evaluator().eval(closed.jaxpr, closed.consts, jax.tree.leaves(dynamic),
+                                  name_stack=source_info_util.current_name_stack()))
     leaves_out = [next(flat) if st is None else st[0] for st in out_static]
     out, states = jax.tree.unflatten(out_tree[0], leaves_out)
     for node, state in zip(nodes, states):
