@@ -190,3 +190,12 @@ def test_name_stacks_kept():
 
     assert stacks(f) == {"outer/inner"}
     assert stacks(harden(f)) == {"outer/inner"}
+
+
+def test_pow_follows_safe_pow():
+    """x ** y: 0 with gradient 0 at x = 0 for y < 1; |x| ** y for a negative base."""
+    f = harden(lambda x: jnp.sum(x ** 0.5))
+    assert float(f(jnp.array([-4.0]))) == 2.0  # safe_pow(-4.0, 0.5)
+    g = jax.grad(f)(jnp.array([0.0, -4.0, 4.0]))
+    np.testing.assert_allclose(g, [0.0, -0.25, 0.25])
+    assert np.isnan(jnp.array(-4.0) ** 0.5)

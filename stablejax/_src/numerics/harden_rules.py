@@ -15,8 +15,8 @@ primitive                singular set: value, derivative         convention of
 ``div``                  ``b == 0``, finite ``a``: 0, 0          ``safe_div``
 ``log1p``                finite ``x <= -1``: ``log(tiny)``, 0    ``safe_log``
 ``integer_pow`` (n < 0)  ``x == 0``: 0, 0                        ``safe_div``
-``pow``                  ``x == 0, y < 1, y != 0`` or ``x < 0``  ``safe_sqrt``
-                         with fractional ``y``: 0, 0
+``pow``                  ``x == 0, y < 1, y != 0``: 0, 0;        ``safe_pow``
+                         ``x < 0``, fractional ``y``: ``|x|**y``
 ``acos``, ``asin``       ``|x| >= 1``: value at ``clip(x)``, 0   ``safe_sqrt``
 ``atan2``                ``x == y == 0``: ``atan2``'s value, 0   ``safe_norm``
 =======================  ======================================  ==================
@@ -217,14 +217,18 @@ def safe_integer_pow_rule(x, n: int):
 
 
 def safe_pow_rule(x, y):
-    r""":math:`x^y`, with value 0 and derivatives 0 where it or its derivative is singular.
+    r""":math:`x^y`, finite with finite derivatives where it or its derivative is singular.
 
-    The singular set: ``x = 0`` with ``y < 1, y != 0`` (the value is 0 or Inf
-    there and :math:`y\,x^{y-1}` is Inf: the ``safe_sqrt`` convention), and
-    ``x < 0`` with a fractional ``y`` (NaN). Elsewhere it is ``x ** y`` exactly.
+    At ``x = 0`` with ``y < 1, y != 0`` (the value is 0 or Inf there and
+    :math:`y\,x^{y-1}` is Inf) the value is 0 and the derivatives 0: the
+    ``safe_sqrt`` and ``safe_pow`` convention. At ``x < 0`` with a fractional
+    ``y`` (NaN) it is ``|x| ** y``, ``safe_pow``'s value, with that function's
+    derivative. Elsewhere it is ``x ** y`` exactly.
     """
-    sing = ((x == 0) & (y < 1) & (y != 0)) | ((x < 0) & (y != jnp.round(y)) & jnp.isfinite(y))
-    return jnp.where(sing, jnp.zeros_like(x), lax.pow(jnp.where(sing, jnp.ones_like(x), x), y))
+    zero = (x == 0) & (y < 1) & (y != 0)
+    neg = (x < 0) & (y != jnp.round(y)) & jnp.isfinite(y)
+    base = jnp.where(neg, -x, jnp.where(zero, jnp.ones_like(x), x))
+    return jnp.where(zero, jnp.zeros_like(x), lax.pow(base, y))
 
 
 def _arc(op):
