@@ -11,6 +11,7 @@ Layers live in :mod:`stablejax.nn` (Flax linen) and :mod:`stablejax.nnx`
 from stablejax._src.numerics.angles import safe_arccos as safe_arccos
 from stablejax._src.numerics.angles import safe_arcsin as safe_arcsin
 from stablejax._src.numerics.angles import safe_arctan2 as safe_arctan2
+from stablejax._src.numerics.harden import harden as harden
 from stablejax._src.numerics.ops import safe_div as safe_div
 from stablejax._src.numerics.ops import safe_log as safe_log
 from stablejax._src.numerics.ops import safe_rsqrt as safe_rsqrt
@@ -31,6 +32,7 @@ __all__ = [
     "safe_arccos",
     "safe_arcsin",
     "safe_arctan2",
+    "harden",
     "safe_div",
     "safe_log",
     "safe_log_softmax",

@@ -6,7 +6,7 @@ import types
 import pytest
 
 PUBLIC = {
-    "stablejax": {"safe_arccos", "safe_arcsin", "safe_arctan2", "safe_div", "safe_log",
+    "stablejax": {"harden", "safe_arccos", "safe_arcsin", "safe_arctan2", "safe_div", "safe_log",
                   "safe_log_softmax", "safe_logsumexp", "safe_norm", "safe_normalize",
                   "safe_pow", "safe_rsqrt", "safe_softmax", "safe_sqrt", "safe_std", "safe_var",
                   "safe_xlogx"},

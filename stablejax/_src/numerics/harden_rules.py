@@ -1,0 +1,320 @@
+r"""The safe rule of each singular primitive, and the sign facts that skip it.
+
+:func:`stablejax.harden` re-evaluates a jaxpr equation by equation and, for the
+primitives listed in :data:`RULES`, binds the safe rule instead of the plain
+one. Every rule keeps the value and derivative of the plain primitive, bit for
+bit, wherever those are finite, and at the singular point takes the value and
+derivative (0) that the matching stablejax op documents:
+
+=======================  ======================================  ==================
+primitive                singular set: value, derivative         convention of
+=======================  ======================================  ==================
+``sqrt``                 finite ``x <= 0``: 0, 0                 ``safe_sqrt``
+``rsqrt``                finite ``x <= 0``: 0, 0                 ``safe_rsqrt``
+``log``                  finite ``x <= 0``: ``log(tiny)``, 0     ``safe_log``
+``div``                  ``b == 0``, finite ``a``: 0, 0          ``safe_div``
+``log1p``                finite ``x <= -1``: ``log(tiny)``, 0    ``safe_log``
+``integer_pow`` (n < 0)  ``x == 0``: 0, 0                        ``safe_div``
+``pow``                  ``x == 0, y < 1, y != 0``: 0, 0;        ``safe_pow``
+                         ``x < 0``, fractional ``y``: ``|x|**y``
+``acos``, ``asin``       ``|x| >= 1``: value at ``clip(x)``, 0   ``safe_sqrt``
+``atan2``                ``x == y == 0``: ``atan2``'s value, 0   ``safe_norm``
+=======================  ======================================  ==================
+
+Unlike the ops themselves, the rules floor no derivative: the brief of
+``harden`` is to change nothing where the program is finite.
+
+The derivative rules of these primitives are themselves made of the same
+primitives (``sqrt``'s is ``0.5 / sqrt(x)``, ``log``'s is ``g / x``, ``acos``'s
+``-rsqrt(1 - x**2)``), so hardening a gradient function, whose jaxpr holds
+those derivative ops, gives the same finite values as the gradient of the
+hardened function: at ``x = 0`` ``0.5 / 0`` becomes 0, the ``safe_sqrt``
+convention.
+
+Sign facts. A divisor, ``sqrt``, ``rsqrt`` or ``log`` argument that is positive
+by construction keeps the plain primitive (no extra operation): positive
+literals and constants, ``nonneg + positive`` (flax's ``rsqrt(var + eps)``),
+``max(positive, .)``, and shape-only operations of those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend import core as jcore
+
+NONNEG = 1
+NONZERO = 2
+POS = NONNEG | NONZERO
+
+
+# --------------------------------------------------------------------------- sign facts
+
+
+def constant_fact(value: Any) -> int:
+    """The sign facts of a concrete constant (0 for a tracer or a non-float)."""
+    if isinstance(value, jax.core.Tracer):
+        return 0
+    try:
+        arr = np.asarray(value)
+    except Exception:  # a key array or an opaque constant
+        return 0
+    if arr.dtype.kind not in "fiu" or arr.size > 1 << 16:
+        return 0
+    fact = 0
+    if np.all(arr >= 0):
+        fact |= NONNEG
+    if np.all(arr != 0):
+        fact |= NONZERO
+    return fact
+
+
+_SHAPE_OPS = frozenset({
+    "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "transpose", "copy",
+    "copy_p", "slice", "dynamic_slice", "rev", "reduce_max", "reduce_min",
+    "reduce_precision", "optimization_barrier",
+})
+_NONNEG_OPS = frozenset({"exp", "exp2", "logistic", "square"})
+_TAG_KEEP = frozenset({"broadcast_in_dim", "stop_gradient", "reshape", "max", "select_n"})
+
+
+def shift_tag(name: str, params: dict, invars: Sequence[Any], tags: dict) -> Any:
+    """Recognises the shifted exponential of a softmax or a logsumexp.
+
+    ``exp(x - max(x, axes))`` has a 1 along ``axes``, so its sum over ``axes``
+    is at least 1: the divisor of ``jax.nn.softmax`` and the argument of the
+    ``log`` in ``logsumexp`` are positive by construction. Tags:
+    ``("max", x, axes)``, ``("shifted", axes)``, ``("exp", axes)``.
+    """
+    tagged = [tags.get(v) for v in invars if not _is_literal(v)]
+    if name == "reduce_max":
+        return ("max", invars[0], tuple(params["axes"]))
+    if name in _TAG_KEEP:
+        found = [t for t in tagged if t is not None and t[0] == "max"]
+        return found[0] if len(found) == 1 else None
+    if name == "sub" and not _is_literal(invars[1]):
+        t = tags.get(invars[1])
+        if t is not None and t[0] == "max" and t[1] is invars[0]:
+            return ("shifted", t[2])
+    if name == "exp" and tagged and tagged[0] is not None and tagged[0][0] == "shifted":
+        return ("exp", tagged[0][1])
+    return None
+
+
+def shift_fact(name: str, params: dict, invars: Sequence[Any], tags: dict) -> int:
+    """``POS`` for ``reduce_sum`` over ``axes`` of a tagged ``("exp", axes)``, else 0."""
+    if name == "reduce_sum" and not _is_literal(invars[0]):
+        t = tags.get(invars[0])
+        if t is not None and t[0] == "exp" and t[1] == tuple(params["axes"]):
+            return POS
+    return 0
+
+
+def _is_literal(v: Any) -> bool:
+    return isinstance(v, jcore.Literal)
+
+
+def propagate(name: str, params: dict, in_facts: Sequence[int], same_operand: bool) -> int:
+    """Sign facts of an equation's first output, from those of its operands."""
+    f = list(in_facts) or [0]
+    if name in _SHAPE_OPS:
+        return f[0]
+    if name == "convert_element_type":
+        dtype = params.get("new_dtype")
+        if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and (
+            jnp.finfo(dtype).bits >= 32 or jnp.dtype(dtype) == jnp.bfloat16
+        ):
+            return f[0]
+        return f[0] & NONNEG
+    if name in _NONNEG_OPS:
+        return NONNEG
+    if name in ("abs", "sqrt"):
+        return NONNEG | (f[0] & NONZERO)
+    if name == "integer_pow":
+        return NONNEG if params["y"] % 2 == 0 else f[0] & NONNEG
+    if name == "mul":
+        return NONNEG if same_operand or (f[0] & f[1] & NONNEG) else 0
+    if name in ("add", "add_any"):
+        if f[0] & f[1] & NONNEG:
+            return POS if (f[0] | f[1]) == POS else NONNEG
+        return 0
+    if name == "max":
+        return f[0] | f[1] if (f[0] | f[1]) & NONNEG else 0
+    if name == "min":
+        return f[0] & f[1]
+    if name in ("reduce_sum", "cumsum"):
+        return f[0] & NONNEG
+    if name == "div":
+        return NONNEG if (f[0] & NONNEG) and f[1] == POS else 0
+    if name == "neg":
+        return f[0] & NONZERO
+    if name in ("concatenate", "select_n"):
+        data = f[1:] if name == "select_n" else f
+        out = POS
+        for g in data:
+            out &= g
+        return out
+    return 0
+
+
+# --------------------------------------------------------------------------- safe rules
+#
+# Each rule is the double-``where`` form: the plain primitive evaluated at a
+# harmless input where the point is singular, selected away there. Off the
+# singular set the result *and* its derivatives are those of the plain
+# primitive, bit for bit (no extra rounding, so a clean model is unchanged); on
+# it the value is the documented constant and the derivative 0, to every order.
+
+
+def _finite_le(x, bound):
+    return (x <= bound) & (x > -jnp.inf)
+
+
+def _log_tiny(x):
+    return jnp.asarray(np.log(np.finfo(x.dtype).tiny), x.dtype)
+
+
+def safe_sqrt_rule(x):
+    r"""``safe_sqrt``'s rule: :math:`\sqrt{x}`; 0 with derivative 0 at finite ``x <= 0``."""
+    sing = _finite_le(x, 0)
+    return jnp.where(sing, jnp.zeros_like(x), lax.sqrt(jnp.where(sing, jnp.ones_like(x), x)))
+
+
+def safe_rsqrt_rule(x):
+    r"""``safe_rsqrt``'s rule: :math:`x^{-1/2}`; 0 with derivative 0 at finite ``x <= 0``."""
+    sing = _finite_le(x, 0)
+    return jnp.where(sing, jnp.zeros_like(x), lax.rsqrt(jnp.where(sing, jnp.ones_like(x), x)))
+
+
+def safe_log_rule(x):
+    r"""``safe_log``'s rule: :math:`\log x`; ``log(tiny)`` with derivative 0 at ``x <= 0``."""
+    sing = _finite_le(x, 0)
+    return jnp.where(sing, _log_tiny(x), lax.log(jnp.where(sing, jnp.ones_like(x), x)))
+
+
+def safe_log1p_rule(x):
+    r""":math:`\log(1 + x)`; ``log(tiny)`` with derivative 0 at finite ``x <= -1``."""
+    sing = _finite_le(x, -1)
+    return jnp.where(sing, _log_tiny(x), lax.log1p(jnp.where(sing, jnp.zeros_like(x), x)))
+
+
+def safe_div_rule(a, b):
+    r"""``safe_div``'s rule: :math:`a / b`; 0 with derivatives 0 where ``b == 0`` (finite ``a``)."""
+    sing = (b == 0) & jnp.isfinite(a)
+    return jnp.where(sing, jnp.zeros_like(a), lax.div(a, jnp.where(sing, jnp.ones_like(b), b)))
+
+
+def safe_integer_pow_rule(x, n: int):
+    r""":math:`x^n` for ``n < 0``: 0 with derivative 0 at ``x = 0`` (pseudo-inverse)."""
+    sing = x == 0
+    return jnp.where(sing, jnp.zeros_like(x),
+                     lax.integer_pow(jnp.where(sing, jnp.ones_like(x), x), n))
+
+
+def safe_pow_rule(x, y):
+    r""":math:`x^y`, finite with finite derivatives where it or its derivative is singular.
+
+    At ``x = 0`` with ``y < 1, y != 0`` (the value is 0 or Inf there and
+    :math:`y\,x^{y-1}` is Inf) the value is 0 and the derivatives 0: the
+    ``safe_sqrt`` and ``safe_pow`` convention. At ``x < 0`` with a fractional
+    ``y`` (NaN) it is ``|x| ** y``, ``safe_pow``'s value, with that function's
+    derivative. Elsewhere it is ``x ** y`` exactly.
+    """
+    zero = (x == 0) & (y < 1) & (y != 0)
+    neg = (x < 0) & (y != jnp.round(y)) & jnp.isfinite(y)
+    base = jnp.where(neg, -x, jnp.where(zero, jnp.ones_like(x), x))
+    return jnp.where(zero, jnp.zeros_like(x), lax.pow(base, y))
+
+
+def _arc(op):
+    def rule(x):
+        sing = (jnp.abs(x) >= 1) & jnp.isfinite(x)
+        edge = lax.stop_gradient(op(jnp.clip(x, -1, 1).astype(x.dtype)))
+        return jnp.where(sing, edge, op(jnp.where(sing, jnp.zeros_like(x), x)))
+
+    rule.__doc__ = (f":math:`\\{op.__name__}(x)` at ``clip(x, -1, 1)``; derivative 0 at "
+                    "``|x| >= 1``, where it is infinite or undefined.")
+    return rule
+
+
+safe_acos_rule = _arc(lax.acos)
+safe_asin_rule = _arc(lax.asin)
+
+
+def safe_atan2_rule(y, x):
+    r""":math:`\mathrm{atan2}(y, x)` exactly; derivatives 0 at the origin (they are 0/0)."""
+    sing = (x == 0) & (y == 0)
+    one = jnp.ones_like(x)
+    edge = lax.stop_gradient(lax.atan2(y, x))
+    return jnp.where(sing, edge, lax.atan2(jnp.where(sing, one, y), jnp.where(sing, one, x)))
+
+
+# --------------------------------------------------------------------------- rule table
+
+
+def _real_float(aval: Any) -> bool:
+    return jnp.issubdtype(aval.dtype, jnp.floating)
+
+
+Rule = Callable[[dict, list, list], "Any | None"]
+
+
+def _unary(op, needs: int):
+    def rule(params, invals, facts):
+        if facts[0] & needs == needs:
+            return None
+        return op(invals[0])
+
+    return rule
+
+
+def _div(params, invals, facts):
+    if facts[1] & NONZERO:
+        return None
+    return safe_div_rule(invals[0], invals[1])
+
+
+def _integer_pow(params, invals, facts):
+    n = params["y"]
+    if n >= 0 or facts[0] & NONZERO:
+        return None
+    return safe_integer_pow_rule(invals[0], n)
+
+
+def _pow(params, invals, facts):
+    x, y = invals
+    if facts[0] == POS or not jnp.issubdtype(jnp.result_type(y), jnp.floating):
+        return None
+    if jnp.result_type(x) != jnp.result_type(y):
+        return None
+    if jnp.shape(y) != jnp.shape(x):
+        y = jnp.broadcast_to(y, jnp.shape(x))
+    return safe_pow_rule(x, y)
+
+
+def _log1p(params, invals, facts):
+    return None if facts[0] & NONNEG else safe_log1p_rule(invals[0])
+
+
+RULES: dict[str, Rule] = {
+    "sqrt": _unary(safe_sqrt_rule, POS),
+    "rsqrt": _unary(safe_rsqrt_rule, POS),
+    "log": _unary(safe_log_rule, POS),
+    "div": _div,
+    "log1p": _log1p,
+    "integer_pow": _integer_pow,
+    "pow": _pow,
+    "acos": _unary(safe_acos_rule, 1 << 8),
+    "asin": _unary(safe_asin_rule, 1 << 8),
+    "atan2": lambda params, invals, facts: safe_atan2_rule(*invals),
+}
+
+
+def applies(name: str, out_avals: Sequence[Any]) -> bool:
+    """Whether ``name`` has a safe rule for these (real floating) outputs."""
+    return name in RULES and all(_real_float(a) for a in out_avals)
