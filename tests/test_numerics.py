@@ -166,9 +166,10 @@ def test_normalize_gradient_bounded_by_floor():
 
 
 def test_elementwise_gradients_bounded_near_zero():
-    assert jgrad(sj.safe_sqrt)(1e-38) == pytest.approx(0.5 / np.sqrt(1e-30), rel=1e-5)
-    assert jgrad(sj.safe_log)(1e-38) == pytest.approx(1e30, rel=1e-5)
-    assert np.isfinite(jgrad(sj.safe_rsqrt)(1e-38))
+    # 2e-38 is the smallest decade of normal float32 numbers (1e-38 is subnormal: 0).
+    assert jgrad(sj.safe_sqrt)(2e-38) == pytest.approx(0.5 / np.sqrt(1e-30), rel=1e-5)
+    assert jgrad(sj.safe_log)(2e-38) == pytest.approx(1e30, rel=1e-5)
+    assert np.isfinite(jgrad(sj.safe_rsqrt)(2e-38))
     assert np.isfinite(jgrad(lambda b: sj.safe_div(1.0, b))(1e-30))
 
 

@@ -24,7 +24,12 @@ from jax import lax
 
 from stablejax._src import validation
 from stablejax._src.numerics.dtypes import compute_dtype
-from stablejax._src.numerics.reductions import NORMALIZE_GRAD_FLOOR, mean_spread, unit
+from stablejax._src.numerics.reductions import (
+    NORMALIZE_GRAD_FLOOR,
+    mean_spread,
+    standardize,
+    unit,
+)
 from stablejax._src.typing import Array, Axis
 
 
@@ -66,18 +71,15 @@ def compute_stats(
 
 
 def _exact_standardize(
-    x: Array, axes: tuple[int, ...], use_mean: bool, mask: Array | None, dtype: Any
+    x: Array, axes: tuple[int, ...], use_mean: bool, mask: Array | None, dtype: Any,
+    out_dtype: Any,
 ) -> Array:
     """``(x - mean) / std`` (or ``x / rms``) with no epsilon, through the safe core."""
     ct = compute_dtype(jnp.result_type(x) if dtype is None else dtype)
     x = x.astype(ct)
     if use_mean:
-        first = tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))
-        ref = x[first] if mask is None else jnp.where(mask[first], x[first], 0.0)
-        shifted = x - ref  # exact for a nearly constant row; the mean is taken of these
-        mean, _ = mean_spread(shifted, mask, axes, True, False)
-        x = shifted - mean
-    return unit(x, mask, axes, mean=True, floor=NORMALIZE_GRAD_FLOOR)
+        return standardize(x, mask, axes, floor=NORMALIZE_GRAD_FLOOR, dtype=out_dtype)
+    return unit(x, mask, axes, mean=True, floor=NORMALIZE_GRAD_FLOOR, dtype=out_dtype)
 
 
 def layer_norm(
@@ -120,7 +122,9 @@ def layer_norm(
                 f"{where}: epsilon=0 with axis_name={axis_name!r} is not supported; "
                 "use a positive epsilon for statistics reduced across devices."
             )
-        y = _exact_standardize(x, red, use_mean, mask, dtype if force_float32_reductions else None)
+        out_dtype = flax_dtypes.canonicalize_dtype(x, scale, bias, dtype=dtype)
+        y = _exact_standardize(x, red, use_mean, mask, dtype if force_float32_reductions else None,
+                               out_dtype)
         mul = None
     else:
         mean, var = compute_stats(
@@ -148,7 +152,8 @@ def l2_normalize(x: Array, axis: Axis, scale: Array | None, dtype: Any, where: s
     x = jnp.asarray(x)
     axes = validation.canonical_axes(x.ndim, axis, where)
     out_dtype = flax_dtypes.canonicalize_dtype(x, scale, dtype=dtype)
-    y = unit(x.astype(compute_dtype(x.dtype)), None, axes, mean=False, floor=NORMALIZE_GRAD_FLOOR)
+    y = unit(x.astype(compute_dtype(x.dtype)), None, axes, mean=False, floor=NORMALIZE_GRAD_FLOOR,
+             dtype=out_dtype)
     if scale is not None:
         y = y * scale
     return y.astype(out_dtype)
