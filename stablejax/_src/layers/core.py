@@ -194,15 +194,37 @@ def std_pool(
                 f"{where}: mask must be shaped like the input without its feature axis, "
                 f"{x.shape[:-1]}, got {mask.shape}."
             )
-        mask = jnp.broadcast_to(mask.astype(bool)[..., None], x.shape)
+        mask = validation.broadcast_mask(mask[..., None], x.shape, where)
     out_dtype = x.dtype if dtype is None else dtype
     mean, std = mean_spread(x.astype(compute_dtype(x.dtype)), mask, (time,), False, True)
     out = jnp.concatenate([mean, std], axis=-1) if output == "mean_std" else std
     return out.astype(out_dtype)
 
 
-def check_std_pool_config(axis: int, output: str, where: str) -> None:
-    """Construction-time checks of ``StdPool``: the output kind and the time axis."""
+def check_layer_input(x: Array, mask: Any, epsilon: float, where: str) -> None:
+    """Call-time checks of the norm layers: a float (or, at ``epsilon=0``, real) input
+    and a boolean mask. Complex input is accepted for ``epsilon > 0``, as flax does."""
+    dtype = jnp.result_type(x)
+    if epsilon != 0 and jnp.issubdtype(dtype, jnp.complexfloating):
+        pass
+    elif jnp.issubdtype(dtype, jnp.complexfloating):
+        raise TypeError(
+            f"{where}: complex input needs epsilon > 0 (flax's arithmetic), got epsilon=0; "
+            "pass e.g. epsilon=1e-6, or normalize the real and imaginary parts separately."
+        )
+    else:
+        validation.check_float("x", x, where)
+    if mask is not None:
+        validation.broadcast_mask(mask, jnp.shape(x), where)
+
+
+def check_std_pool_config(axis: int, output: str, where: str, dtype: Any = None) -> None:
+    """Construction-time checks of ``StdPool``: the output kind, the time axis, the dtype."""
+    if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+        raise TypeError(
+            f"{where}: dtype={dtype!r} is not a floating-point dtype; the pooled mean and "
+            "std are real numbers: pass e.g. dtype=jnp.float32, or None for the input's."
+        )
     if not isinstance(axis, int) or isinstance(axis, bool):
         raise TypeError(f"{where}: axis must be an int (the time axis), got {axis!r}.")
     if axis == -1:

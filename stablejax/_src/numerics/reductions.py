@@ -366,7 +366,7 @@ def safe_norm(x: ArrayLike, axis: Axis = None, keepdims: bool = False) -> Array:
       Array(5.e+30, dtype=float32)
     """
     xc, dtype, axes, _ = _prepare("safe_norm", x, axis, None)
-    return _norm(xc, axes, bool(keepdims)).astype(dtype)
+    return _norm(xc, axes, validation.check_keepdims(keepdims, "safe_norm")).astype(dtype)
 
 
 def safe_normalize(
@@ -440,7 +440,8 @@ def safe_var(
       1.0
     """
     xc, dtype, axes, mask = _prepare("safe_var", x, axis, where)
-    return mean_spread(xc, mask, axes, bool(keepdims), False)[1].astype(dtype)
+    keepdims = validation.check_keepdims(keepdims, "safe_var")
+    return mean_spread(xc, mask, axes, keepdims, False)[1].astype(dtype)
 
 
 def safe_std(
@@ -482,4 +483,5 @@ def safe_std(
       Array(1.e-06, dtype=float32)
     """
     xc, dtype, axes, mask = _prepare("safe_std", x, axis, where)
-    return mean_spread(xc, mask, axes, bool(keepdims), True)[1].astype(dtype)
+    keepdims = validation.check_keepdims(keepdims, "safe_std")
+    return mean_spread(xc, mask, axes, keepdims, True)[1].astype(dtype)
