@@ -201,7 +201,9 @@ def std_pool(
     return out.astype(out_dtype)
 
 
-def check_layer_input(x: Array, mask: Any, epsilon: float, where: str) -> None:
+def check_layer_input(
+    x: Array, mask: Any, epsilon: float, reduction_axes: Axis, feature_axes: Axis, where: str
+) -> None:
     """Call-time checks of the norm layers: a float (or, at ``epsilon=0``, real) input
     and a boolean mask. Complex input is accepted for ``epsilon > 0``, as flax does."""
     dtype = jnp.result_type(x)
@@ -214,6 +216,8 @@ def check_layer_input(x: Array, mask: Any, epsilon: float, where: str) -> None:
         )
     else:
         validation.check_float("x", x, where)
+    validation.canonical_axes(jnp.ndim(x), reduction_axes, where)
+    validation.canonical_axes(jnp.ndim(x), feature_axes, where)
     if mask is not None:
         validation.broadcast_mask(mask, jnp.shape(x), where)
 

@@ -66,7 +66,8 @@ class LayerNorm(nn.LayerNorm):
     @nn.compact
     def __call__(self, x: Array, *, mask: jax.Array | None = None) -> Array:
         where = "stablejax.nn.LayerNorm"
-        core.check_layer_input(x, mask, self.epsilon, where)
+        core.check_layer_input(
+            x, mask, self.epsilon, self.reduction_axes, self.feature_axes, where)
         if self.epsilon != 0:  # flax's own code: equal bit for bit, eager and jitted
             return super().__call__(x, mask=mask)
         scale, bias = _params(self, x, self.use_scale, self.use_bias, self.bias_init)
@@ -104,7 +105,8 @@ class RMSNorm(nn.RMSNorm):
     @nn.compact
     def __call__(self, x: Array, *, mask: jax.Array | None = None) -> Array:
         where = "stablejax.nn.RMSNorm"
-        core.check_layer_input(x, mask, self.epsilon, where)
+        core.check_layer_input(
+            x, mask, self.epsilon, self.reduction_axes, self.feature_axes, where)
         if self.epsilon != 0:
             return super().__call__(x, mask=mask)
         scale, _ = _params(self, x, self.use_scale, False)

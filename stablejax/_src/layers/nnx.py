@@ -44,7 +44,8 @@ class LayerNorm(nnx.LayerNorm):
 
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
         where = "stablejax.nnx.LayerNorm"
-        core.check_layer_input(x, mask, self.epsilon, where)
+        core.check_layer_input(
+            x, mask, self.epsilon, self.reduction_axes, self.feature_axes, where)
         if self.epsilon != 0:  # flax's own code: equal bit for bit, eager and jitted
             return super().__call__(x, mask=mask)
         scale = self.scale[...] if self.use_scale else None
@@ -80,7 +81,8 @@ class RMSNorm(nnx.RMSNorm):
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
         where = "stablejax.nnx.RMSNorm"
-        core.check_layer_input(x, mask, self.epsilon, where)
+        core.check_layer_input(
+            x, mask, self.epsilon, self.reduction_axes, self.feature_axes, where)
         if self.epsilon != 0:
             return super().__call__(x, mask=mask)
         scale = self.scale[...] if self.use_scale else None
