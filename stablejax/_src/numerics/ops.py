@@ -303,7 +303,9 @@ def _div_jvp(floor, dtype, primals, tangents):
     sing = _div_singular(a, b)
     sign = jnp.where(b < 0, -1.0, 1.0)
     inv = jnp.where(sing, 0.0, sign * _coef(jnp.abs(b), 1.0, -1.0, floor, dtype))
-    return q, (inv * da - (a * inv) * inv * db).astype(q.dtype)
+    # 1/b**2 as one coefficient (not inv * inv), so that each order is floored as a whole
+    inv2 = jnp.where(sing, 0.0, _coef(jnp.abs(b), 1.0, -2.0, floor, dtype))
+    return q, (inv * da - a * inv2 * db).astype(q.dtype)
 
 
 def safe_div(a: ArrayLike, b: ArrayLike, *, grad_floor: float = DIV_GRAD_FLOOR) -> Array:

@@ -161,7 +161,9 @@ def _unit_jvp(axes, mean, floor, dtype, primals, tangents):
     """
     x, mask = primals
     dx = tangents[0]
-    y, n = _unit_parts(x, mask, axes, mean)
+    _, n = _unit_parts(x, mask, axes, mean)
+    # y through the op itself, so that its derivative inside this rule is floored too
+    y = _unit(x, mask, axes, mean, floor, dtype)
     proj = jnp.sum(_valid(y * dx, mask), axis=axes, keepdims=True)
     if mean:
         proj = proj / jnp.maximum(_count(x, mask, axes), 1.0)
@@ -173,10 +175,15 @@ def unit(x: Array, mask: Array | None, axes: tuple[int, ...], *, mean: bool, flo
     """Core of :func:`safe_normalize` and of the layers at ``epsilon=0`` (compute dtype in).
 
     ``dtype`` (the output dtype, default ``x``'s) raises ``floor`` where needed so
-    that the derivative bound ``2/floor`` is finite in it.
+    that the derivative bounds ``2/floor`` and, one order up, ``8/floor**2`` are
+    finite in it.
     """
     dtype = jnp.dtype(x.dtype if dtype is None else dtype).name
-    return _unit(x, mask, axes, mean, max(floor, dtype_floor(2.0, -1.0, dtype)), dtype)
+    return _unit(x, mask, axes, mean, _layer_floor(floor, dtype), dtype)
+
+
+def _layer_floor(floor: float, dtype: str) -> float:
+    return max(floor, dtype_floor(2.0, -1.0, dtype), dtype_floor(8.0, -2.0, dtype))
 
 
 # --------------------------------------------------------------------------- moments
@@ -206,10 +213,14 @@ def _moment_parts(x: Array, mask: Array | None, axes: tuple[int, ...]):
     xv = _valid(x, mask)
     mean = jnp.sum(xv, axis=axes, keepdims=True) / denom
     d = _valid(x - mean, mask)
+    # An overflowed mean makes d infinite; zeroed (the rescaled branch is taken then) so
+    # that the zero cotangent of the branch not taken cannot turn into inf * 0 = NaN.
+    d = jnp.where(jnp.isfinite(d), d, 0.0)
     ssd = jnp.sum(d * d, axis=axes, keepdims=True)
     var = ssd / denom
     eps = float(jnp.finfo(x.dtype).eps) * _NEAR_CONSTANT
-    ok = jnp.isfinite(ssd) & (ssd >= _exact_floor(x, axes)) & (var > eps * eps * (mean * mean))
+    ok = jnp.isfinite(ssd) & (ssd >= _exact_floor(x, axes)) & jnp.isfinite(mean)
+    ok = ok & (var > eps * eps * (mean * mean))
     ok = jnp.all(ok)
 
     def plain():
@@ -306,7 +317,7 @@ def _standardize_jvp(axes, floor, dtype, primals, tangents):
     dx = tangents[0]
     center, inv, s, mean_z, var_z, count = _moment_parts(x, mask, axes)
     r = _root(var_z)
-    y = ((x - center) * inv - mean_z) * _safe_recip(r)
+    y = _standardize(x, mask, axes, floor, dtype)  # floored derivative inside the rule too
     denom = jnp.maximum(count, 1.0)
     dmean = jnp.sum(_valid(dx, mask), axis=axes, keepdims=True) / denom
     proj = jnp.sum(_valid(y * dx, mask), axis=axes, keepdims=True) / denom
@@ -321,7 +332,7 @@ def standardize(x: Array, mask: Array | None, axes: tuple[int, ...], *, floor: f
     needs it); a constant row gives 0 with gradient 0.
     """
     dtype = jnp.dtype(x.dtype if dtype is None else dtype).name
-    return _standardize(x, mask, axes, max(floor, dtype_floor(2.0, -1.0, dtype)), dtype)
+    return _standardize(x, mask, axes, _layer_floor(floor, dtype), dtype)
 
 
 # --------------------------------------------------------------------------- public
