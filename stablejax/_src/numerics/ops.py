@@ -13,6 +13,12 @@ orders all work) with one contract:
    floor: it stays bounded, and the forward value is untouched.
 5. NaN and Inf inputs go out as ``jnp`` would produce them: a safe op never hides
    a non-finite input, it only refuses to create one.
+6. Every higher derivative follows the same rule: the derivative coefficients are
+   themselves ``custom_jvp`` functions (``_coef``), floored at each order, 0 at the
+   singular point; each floor is raised, where needed, so that the bound it gives
+   is at most ``BOUND_FRACTION`` of the largest number of the input dtype.
+7. The singular point includes the subnormal numbers: XLA flushes them to zero on
+   CPU and GPU, so ``safe_log(1e-40)`` is ``log(tiny)`` in and out of ``jit``.
 
 Arithmetic happens in at least float32 and the result has the input dtype
 (:mod:`stablejax._src.numerics.dtypes`).
@@ -144,6 +150,10 @@ def safe_sqrt(x: ArrayLike, *, grad_floor: float = SQRT_GRAD_FLOOR) -> Array:
       grad_floor: positive number; the derivative is evaluated at
         ``max(x, grad_floor)`` for positive ``x`` (bound ``5e14`` by default).
 
+    Inputs below the smallest normal number count as 0. In a low-precision dtype
+    the floor is raised where needed so that the bound is finite there (float16:
+    at most 4094); higher derivatives are finite and 0 at and below 0.
+
     Returns:
       An array of the dtype of ``x``.
 
@@ -203,6 +213,10 @@ def safe_rsqrt(x: ArrayLike, *, grad_floor: float = RSQRT_GRAD_FLOOR) -> Array:
       grad_floor: positive number bounding the derivative by
         :math:`\tfrac12 \text{grad\_floor}^{-3/2}`.
 
+    Inputs below the smallest normal number count as 0. In a low-precision dtype
+    the floor is raised where needed so that the bound is finite there (float16:
+    at most 4094); higher derivatives are finite and 0 at and below 0.
+
     Returns:
       An array of the dtype of ``x``.
 
@@ -255,6 +269,10 @@ def safe_log(x: ArrayLike, *, grad_floor: float = LOG_GRAD_FLOOR) -> Array:
     Args:
       x: floating-point array.
       grad_floor: positive number bounding the derivative by its reciprocal.
+
+    Inputs below the smallest normal number count as 0. In a low-precision dtype
+    the floor is raised where needed so that the bound is finite there (float16:
+    at most 4094); higher derivatives are finite and 0 at and below 0.
 
     Returns:
       An array of the dtype of ``x``.
@@ -325,6 +343,10 @@ def safe_div(a: ArrayLike, b: ArrayLike, *, grad_floor: float = DIV_GRAD_FLOOR) 
       a: floating-point numerator.
       b: floating-point denominator, broadcast against ``a``.
       grad_floor: positive number; the smallest ``|b|`` the derivatives see.
+
+    A divisor below the smallest normal number counts as 0. In a low-precision
+    dtype the floor is raised where needed so that ``1/b`` and ``1/b**2`` are
+    bounded there; higher derivatives are finite.
 
     Returns:
       ``a / b`` broadcast, in the dtype ``jnp`` would give.

@@ -5,11 +5,16 @@ The numerics core that every stablejax layer calls. Each function is a
 derivatives (gradient penalties) all work, and the derivative rules are written
 with the double-``where`` guard so that differentiating them again stays finite.
 
-Accuracy. Rows are rescaled by an exact power of two before squaring, so the
-norm of a float32 row of ``1e30`` (whose squares overflow) or ``1e-30`` (whose
-squares underflow) is computed correctly. Variances are computed two-pass around
-the row's mid-range, so a constant row gives exactly 0 and a large offset does
-not cancel catastrophically. No epsilon enters any forward value.
+Accuracy. The plain two-pass statistics are taken first; where some row's sum
+of squares overflows, underflows, or (for variances) the row is so nearly
+constant that the rounding of its mean would show, the batch is recomputed with
+each row rescaled by an exact power of two around its mid-range (``lax.cond``,
+so this pass is paid only then). The norm of a float32 row of ``1e30`` (whose
+squares overflow), ``1e-30`` (whose squares underflow) or of entries up to the
+dtype's largest number is computed correctly, a constant row gives exactly 0,
+and a large offset does not cancel catastrophically. No epsilon enters any
+forward value. Inputs below the smallest normal number count as 0 for the
+derivatives (XLA flushes them to zero on CPU and GPU).
 
 Singular points. At the zero vector (norm, normalize) or a constant row (var,
 std) the value is 0 and the derivative is 0, the minimum-norm subgradient.
