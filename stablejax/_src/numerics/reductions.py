@@ -148,31 +148,32 @@ def _unit_parts(x: Array, mask: Array | None, axes: tuple[int, ...], mean: bool)
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
 def _unit(x: Array, mask, axes: tuple[int, ...], mean: bool, floor: float, dtype: str):
+    """Returns ``(y, N)``: the unit vector and the norm (or root-mean-square)."""
     del floor, dtype
-    return _unit_parts(x, mask, axes, mean)[0]
+    return _unit_parts(x, mask, axes, mean)
 
 
 @_unit.defjvp
 def _unit_jvp(axes, mean, floor, dtype, primals, tangents):
-    r"""Derivative of ``y = x / N(x)`` with a floored denominator.
+    r"""Derivative of ``y = x / N(x)`` with a floored denominator, and of ``N``.
 
     .. math::
-        dy = \frac{dx - y\,\langle y, dx\rangle_v / c}{\max(N, f)}
+        dy = \frac{dx - y\,\langle y, dx\rangle_v / c}{\max(N, f)}, \qquad
+        dN = \langle y, dx\rangle_v / c
 
     where :math:`\langle\cdot,\cdot\rangle_v` sums over the valid entries,
     ``c`` is 1 (norm) or their count (root-mean-square), and ``f`` the floor.
-    At ``N = 0`` the derivative is 0. The coefficient :math:`1/\max(N, f)` is
-    built so that its own derivatives are finite and floored in turn.
+    At ``N = 0`` the derivative is 0. ``y``, ``N`` and the coefficient
+    :math:`1/\max(N, f)` are computed by floored ops themselves (this one, and
+    ``_coef``), so differentiating this rule again is floored in turn.
     """
     x, mask = primals
     dx = tangents[0]
-    _, n = _unit_parts(x, mask, axes, mean)
-    # y through the op itself, so that its derivative inside this rule is floored too
-    y = _unit(x, mask, axes, mean, floor, dtype)
+    y, n = _unit(x, mask, axes, mean, floor, dtype)
     proj = jnp.sum(_valid(y * dx, mask), axis=axes, keepdims=True)
     if mean:
         proj = proj / jnp.maximum(_count(x, mask, axes), 1.0)
-    return y, _coef(n, 1.0, -1.0, floor, dtype) * (dx - y * proj)
+    return (y, n), (_coef(n, 1.0, -1.0, floor, dtype) * (dx - y * proj), proj)
 
 
 def unit(x: Array, mask: Array | None, axes: tuple[int, ...], *, mean: bool, floor: float,
@@ -184,7 +185,7 @@ def unit(x: Array, mask: Array | None, axes: tuple[int, ...], *, mean: bool, flo
     finite in it.
     """
     dtype = jnp.dtype(x.dtype if dtype is None else dtype).name
-    return _unit(x, mask, axes, mean, _layer_floor(floor, dtype), dtype)
+    return _unit(x, mask, axes, mean, _layer_floor(floor, dtype), dtype)[0]
 
 
 def _layer_floor(floor: float, dtype: str) -> float:
@@ -303,30 +304,33 @@ def mean_spread(x: Array, mask: Array | None, axes: tuple[int, ...], keepdims: b
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
-def _standardize(x: Array, mask: Array | None, axes, floor: float, dtype: str) -> Array:
+def _standardize(x: Array, mask: Array | None, axes, floor: float, dtype: str):
+    """Returns ``(y, sigma)``: the standardized row and its standard deviation."""
     del floor, dtype
-    center, inv, _, mean_z, var_z, _ = _moment_parts(x, mask, axes)
-    return ((x - center) * inv - mean_z) * _safe_recip(_root(var_z))
+    center, inv, s, mean_z, var_z, _ = _moment_parts(x, mask, axes)
+    r = _root(var_z)
+    return ((x - center) * inv - mean_z) * _safe_recip(r), s * r
 
 
 @_standardize.defjvp
 def _standardize_jvp(axes, floor, dtype, primals, tangents):
-    r"""Derivative of :math:`y = (x - \mu)/\sigma` with a floored denominator.
+    r"""Derivative of :math:`y = (x - \mu)/\sigma` with a floored denominator, and of σ.
 
     .. math::
-        dy = \frac{dx - \overline{dx}_v - y\,\overline{y\,dx}_v}{\max(\sigma, f)}
+        dy = \frac{dx - \overline{dx}_v - y\,\overline{y\,dx}_v}{\max(\sigma, f)},
+        \qquad d\sigma = \overline{y\,dx}_v
 
-    (means over the valid entries); 0 on a constant row.
+    (means over the valid entries); 0 on a constant row. ``y`` and σ come from
+    this op itself, so differentiating the rule again is floored in turn.
     """
     x, mask = primals
     dx = tangents[0]
-    center, inv, s, mean_z, var_z, count = _moment_parts(x, mask, axes)
-    r = _root(var_z)
-    y = _standardize(x, mask, axes, floor, dtype)  # floored derivative inside the rule too
-    denom = jnp.maximum(count, 1.0)
+    y, sigma = _standardize(x, mask, axes, floor, dtype)
+    denom = jnp.maximum(_count(x, mask, axes), 1.0)
     dmean = jnp.sum(_valid(dx, mask), axis=axes, keepdims=True) / denom
     proj = jnp.sum(_valid(y * dx, mask), axis=axes, keepdims=True) / denom
-    return y, _coef(s * r, 1.0, -1.0, floor, dtype) * (dx - dmean - y * proj)
+    dy = _coef(sigma, 1.0, -1.0, floor, dtype) * (dx - dmean - y * proj)
+    return (y, sigma), (dy, proj)
 
 
 def standardize(x: Array, mask: Array | None, axes: tuple[int, ...], *, floor: float,
@@ -337,7 +341,7 @@ def standardize(x: Array, mask: Array | None, axes: tuple[int, ...], *, floor: f
     needs it); a constant row gives 0 with gradient 0.
     """
     dtype = jnp.dtype(x.dtype if dtype is None else dtype).name
-    return _standardize(x, mask, axes, _layer_floor(floor, dtype), dtype)
+    return _standardize(x, mask, axes, _layer_floor(floor, dtype), dtype)[0]
 
 
 # --------------------------------------------------------------------------- public
