@@ -54,6 +54,8 @@ def cases(x):
         ("RMSNorm vs flax", _module_step(nn.RMSNorm(), x), _module_step(fnn.RMSNorm(), x)),
         ("LayerNorm(eps=0) vs flax(eps=1e-6)", _module_step(nn.LayerNorm(epsilon=0.0), x),
          _module_step(fnn.LayerNorm(), x)),
+        ("RMSNorm(eps=0) vs flax(eps=1e-6)", _module_step(nn.RMSNorm(epsilon=0.0), x),
+         _module_step(fnn.RMSNorm(), x)),
         ("StdPool vs naive jnp", _fn_step(lambda v: nn.StdPool().apply({}, v), x),
          _fn_step(_naive_stdpool, x)),
         ("safe_normalize vs naive x/norm", _fn_step(sj.safe_normalize, x),

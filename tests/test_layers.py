@@ -210,3 +210,82 @@ def test_bad_input_errors():
         nn.StdPool().apply({}, X, jnp.ones(X.shape, bool))
     with pytest.raises(ValueError, match="rngs"):
         snnx.L2Normalize(use_scale=True)
+
+
+# ----------------------------------------------------------------- issue 11: drop-in details
+
+X5 = jax.random.normal(jax.random.key(0), (10, 5))
+MASK5 = np.array([True, False, True, False, True])
+
+
+@pytest.mark.parametrize("ours, theirs", [(snnx.LayerNorm, nnx.LayerNorm),
+                                          (snnx.RMSNorm, nnx.RMSNorm)])
+def test_nnx_masked_eager_equals_flax_bit_for_bit(ours, theirs):
+    # flax's own tests/nnx/nn/normalization_test.py setting: a (5,) mask, eager calls.
+    import inspect
+
+    assert inspect.signature(ours.__init__) == inspect.signature(theirs.__init__)
+    for kw in ({}, {"use_fast_variance": False}, {"dtype": jnp.float16}):
+        y_o = ours(5, rngs=nnx.Rngs(42), **kw)(X5, mask=MASK5)
+        y_f = theirs(5, rngs=nnx.Rngs(42), **kw)(X5, mask=MASK5)
+        assert y_o.dtype == y_f.dtype
+        np.testing.assert_array_equal(y_o, y_f)
+
+
+@pytest.mark.parametrize("ours, theirs", [(nn.LayerNorm, fnn.LayerNorm), (nn.RMSNorm, fnn.RMSNorm)])
+def test_linen_masked_eager_equals_flax_bit_for_bit(ours, theirs):
+    params = _perturbed(theirs().init(KEY, X5))
+    np.testing.assert_array_equal(ours().apply(params, X5, mask=MASK5),
+                                  theirs().apply(params, X5, mask=MASK5))
+
+
+def test_scalars_and_complex_as_flax_accepts():
+    params = fnn.LayerNorm().init(KEY, X5)
+    for eps in (jnp.float32(1e-6), np.float64(1e-6), jnp.array(1e-6)):
+        np.testing.assert_array_equal(nn.LayerNorm(epsilon=eps).apply(params, X5),
+                                      fnn.LayerNorm(epsilon=eps).apply(params, X5))
+        assert snnx.RMSNorm(5, epsilon=eps, rngs=nnx.Rngs(0))(X5).shape == (10, 5)
+    xc = X5 + 1j * X5[::-1]
+    np.testing.assert_array_equal(nn.LayerNorm().apply(params, xc),
+                                  fnn.LayerNorm().apply(params, xc))
+    np.testing.assert_array_equal(snnx.LayerNorm(5, rngs=nnx.Rngs(0))(xc),
+                                  nnx.LayerNorm(5, rngs=nnx.Rngs(0))(xc))
+    with pytest.raises(TypeError, match="complex input needs epsilon > 0"):
+        nn.LayerNorm(epsilon=0.0).apply(params, xc)
+
+
+def test_drop_in_bad_input_errors():
+    params = fnn.LayerNorm().init(KEY, X5)
+    with pytest.raises(TypeError, match="mask must be boolean.*float32"):
+        nn.LayerNorm().apply(params, X5, mask=jnp.full(5, 0.5))
+    with pytest.raises(TypeError, match="mask must be boolean"):
+        snnx.RMSNorm(5, rngs=nnx.Rngs(0))(X5, mask=jnp.full(5, 0.5))
+    with pytest.raises(TypeError, match="mask must be boolean"):
+        nn.StdPool().apply({}, X, jnp.full(X.shape[:-1], 0.5))
+    for bad in (jnp.int32, "int8", np.dtype(bool)):
+        with pytest.raises(TypeError, match="not a floating-point dtype"):
+            nn.StdPool(dtype=bad)
+        with pytest.raises(TypeError, match="not a floating-point dtype"):
+            snnx.StdPool(dtype=bad)
+    assert nn.StdPool(dtype=jnp.bfloat16).apply({}, X).dtype == jnp.bfloat16
+    with pytest.raises(TypeError, match="axis must be an int.*1.0"):
+        nn.L2Normalize(axis=1.0).apply({}, X5)
+    with pytest.raises(TypeError, match="epsilon.*traced|real number"):
+        nn.LayerNorm(epsilon="1e-6")
+
+
+EMPTY_FRAMES = jnp.ones((2, 0, 3))
+
+
+def test_layers_on_zero_frames_give_zeros():
+    np.testing.assert_array_equal(nn.StdPool().apply({}, EMPTY_FRAMES), jnp.zeros((2, 6)))
+    np.testing.assert_array_equal(snnx.StdPool(output="std")(EMPTY_FRAMES), jnp.zeros((2, 3)))
+    g = jax.jit(jax.grad(lambda x: nn.StdPool().apply({}, x).sum()))(EMPTY_FRAMES)
+    assert g.shape == EMPTY_FRAMES.shape
+    empty = jnp.ones((2, 0))
+    for layer in (nn.LayerNorm(epsilon=0.0), nn.RMSNorm(epsilon=0.0), nn.L2Normalize()):
+        params = layer.init(KEY, empty)
+        assert layer.apply(params, empty).shape == (2, 0)
+    for layer in (snnx.LayerNorm(0, epsilon=0.0, rngs=nnx.Rngs(0)),
+                  snnx.RMSNorm(0, epsilon=0.0, rngs=nnx.Rngs(0))):
+        assert layer(empty).shape == (2, 0)

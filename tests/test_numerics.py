@@ -9,6 +9,7 @@ import pytest
 from jax.test_util import check_grads
 
 import stablejax as sj
+from stablejax._src.numerics import ops
 
 FLOATS = [jnp.float32, jnp.bfloat16, jnp.float16]
 
@@ -166,9 +167,10 @@ def test_normalize_gradient_bounded_by_floor():
 
 
 def test_elementwise_gradients_bounded_near_zero():
-    assert jgrad(sj.safe_sqrt)(1e-38) == pytest.approx(0.5 / np.sqrt(1e-30), rel=1e-5)
-    assert jgrad(sj.safe_log)(1e-38) == pytest.approx(1e30, rel=1e-5)
-    assert np.isfinite(jgrad(sj.safe_rsqrt)(1e-38))
+    # 2e-38 is the smallest decade of normal float32 numbers (1e-38 is subnormal: 0).
+    assert jgrad(sj.safe_sqrt)(2e-38) == pytest.approx(0.5 / np.sqrt(1e-30), rel=1e-5)
+    assert jgrad(sj.safe_log)(2e-38) == pytest.approx(1e30, rel=1e-5)
+    assert np.isfinite(jgrad(sj.safe_rsqrt)(2e-38))
     assert np.isfinite(jgrad(lambda b: sj.safe_div(1.0, b))(1e-30))
 
 
@@ -254,3 +256,154 @@ def test_bad_input_errors_name_the_value():
         sj.safe_var(jnp.ones((2, 3)), where=jnp.ones(4, bool))
     with pytest.raises(TypeError, match="`b`"):
         sj.safe_div(jnp.ones(2), jnp.arange(2))
+
+
+# ----------------------------------------------------------------- issue 11: every edge
+
+
+def test_second_derivatives_at_singular_points_are_zero():
+    for v in (-1.0, 0.0, -0.0, 1e-35):
+        assert jax.grad(jax.grad(sj.safe_sqrt))(v) == 0.0
+    assert jax.grad(jax.grad(sj.safe_log))(0.0) == 0.0
+    assert jax.grad(jax.grad(sj.safe_div, 1), 1)(1.0, 1e-20) == 0.0
+    # forward over reverse agrees
+    assert jax.jacfwd(jax.grad(sj.safe_sqrt))(0.0) == 0.0
+    assert jax.jacfwd(jax.grad(sj.safe_rsqrt))(0.0) == 0.0
+
+
+def test_gradient_penalty_through_safe_sqrt_std_norm():
+    f = lambda x: sj.safe_sqrt(jnp.mean(x**2) - jnp.mean(x) ** 2)  # noqa: E731
+    x = jnp.full(4, 0.3)
+    np.testing.assert_array_equal(jax.grad(lambda x: (jax.grad(f)(x) ** 2).sum())(x), 0.0)
+    for op in (sj.safe_std, sj.safe_norm):
+        pen = jax.jit(jax.grad(lambda x, op=op: (jax.grad(op)(x) ** 2).sum()))
+        np.testing.assert_array_equal(pen(jnp.zeros(4)), 0.0)
+        np.testing.assert_array_equal(pen(jnp.full(4, 0.3)), 0.0) if op is sj.safe_std else None
+        assert np.isfinite(pen(jnp.array([1e-20, -2e-20, 3e-20, 0.0]))).all()
+
+
+def test_subnormal_inputs_are_zero_in_and_out_of_jit():
+    sub = jnp.float32(1e-40)
+    log_tiny = np.float32(np.log(np.finfo(np.float32).tiny))
+    assert jax.jit(sj.safe_log)(sub) == log_tiny == sj.safe_log(sub)
+    assert jax.jit(sj.safe_rsqrt)(sub) == 0.0 == sj.safe_rsqrt(sub)
+    assert jax.jit(sj.safe_sqrt)(sub) == 0.0
+    assert jax.jit(lambda b: sj.safe_div(1.0, b))(sub) == 0.0
+    assert jax.jit(jax.grad(sj.safe_log))(sub) == 0.0
+
+
+def test_huge_entries_in_std_var_norm():
+    big = jnp.full(4, 2e38)
+    assert jax.jit(sj.safe_std)(big) == 0.0
+    np.testing.assert_array_equal(jax.jit(jax.grad(sj.safe_var))(big), 0.0)
+    np.testing.assert_array_equal(jax.jit(jax.grad(sj.safe_std))(big), 0.0)
+    np.testing.assert_allclose(sj.safe_var(jnp.array([1e19, -1e19])), 1e38, rtol=1e-6)
+    np.testing.assert_allclose(jnp.var(jnp.array([1e19, -1e19])), 1e38, rtol=1e-6)
+    top = float(np.finfo(np.float32).max)
+    np.testing.assert_allclose(jax.jit(sj.safe_std)(jnp.array([top, -top])), top, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(sj.safe_norm)(jnp.array([top / 2, 0.0])), top / 2)
+    np.testing.assert_array_equal(jax.jit(jax.grad(sj.safe_norm))(jnp.array([top, 0.0])), [1, 0])
+
+
+def test_floors_are_bounds_in_float16():
+    big16 = float(np.finfo(np.float16).max) * ops.BOUND_FRACTION
+    g = jax.grad(sj.safe_rsqrt)(jnp.float16(1e-4))
+    assert g.dtype == jnp.float16 and g == np.float16(-big16)
+    g = jax.grad(lambda v: sj.safe_normalize(v)[0])(jnp.array([2e-6, -5e-6], jnp.float16))
+    assert np.isfinite(g).all() and np.abs(g.astype(np.float32)).max() <= big16
+    for op in (sj.safe_sqrt, sj.safe_log, lambda b: sj.safe_div(jnp.float16(1), b)):
+        for v in (1e-7, 1e-4, 0.0):
+            for k in (1, 2, 3):
+                f = op
+                for _ in range(k):
+                    f = jax.grad(f)
+                assert np.isfinite(f(jnp.float16(v))), (op, v, k)
+
+
+HIGHER = {
+    "sqrt": sj.safe_sqrt,
+    "rsqrt": sj.safe_rsqrt,
+    "log": sj.safe_log,
+    "div_b": lambda b: sj.safe_div(jnp.ones_like(b), b),
+    "div_a": lambda a: sj.safe_div(a, jnp.zeros_like(a)) + sj.safe_div(a, a * 0 + 3e-30),
+}
+POINTS = [0.0, -0.0, -1.0, 1e-40, 1e-35, 1e-20, 1e-9, 1e-4, 1.0]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_higher_derivatives_finite_near_singular_points(dtype):
+    x = jnp.asarray(POINTS, dtype)
+
+    @jax.jit
+    def all_orders(x):
+        out = {}
+        for name, f in HIGHER.items():
+            g1 = jax.grad(f)
+            value = g1 if name == "div_b" else f  # 1/b overflows in float16 as jnp's does
+            out[name] = jax.vmap(lambda v, f=value, g1=g1: (
+                f(v), g1(v), jax.grad(g1)(v), jax.jacfwd(g1)(v), jax.grad(jax.grad(g1))(v)
+            ))(x)
+        return out
+
+    for name, vals in all_orders(x).items():
+        for order, v in enumerate(vals):
+            assert np.isfinite(np.asarray(v, np.float32)).all(), (name, order, v)
+        if name == "div_a":  # singular in b, not in a
+            continue
+        # at (and, for the one-sided ops, below) the singular point every derivative is 0
+        singular = [0, 1, 3] if name == "div_b" else [0, 1, 2, 3]
+        for v in vals[1:]:
+            np.testing.assert_array_equal(np.asarray(v, np.float32)[singular], 0.0)
+
+
+EMPTY = jnp.zeros((3, 0))
+
+
+def test_empty_reductions_give_what_jnp_linalg_norm_gives():
+    np.testing.assert_array_equal(sj.safe_norm(EMPTY, axis=1), jnp.linalg.norm(EMPTY, axis=1))
+    np.testing.assert_array_equal(sj.safe_norm(EMPTY, axis=1), [0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(sj.safe_std(EMPTY, axis=1), 0.0)
+    np.testing.assert_array_equal(sj.safe_var(EMPTY, axis=1), 0.0)
+    assert sj.safe_normalize(EMPTY, axis=1).shape == (3, 0)
+    assert jax.jit(jax.grad(lambda x: sj.safe_std(x, axis=1).sum()))(EMPTY).shape == (3, 0)
+    from stablejax import losses
+
+    np.testing.assert_array_equal(losses.rmse(EMPTY, EMPTY, axis=1), 0.0)
+
+
+def test_float64_under_x64():
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, jax.numpy as jnp, numpy as np, stablejax as sj\n"
+        "jax.config.update('jax_enable_x64', True)\n"
+        "t = np.finfo(np.float64)\n"
+        "assert jax.jit(sj.safe_log)(jnp.float64(1e-310)) == np.log(t.tiny)\n"
+        "assert jax.grad(jax.grad(sj.safe_sqrt))(jnp.float64(0.0)) == 0.0\n"
+        "assert jax.jit(sj.safe_std)(jnp.full(4, 1.7e308)) == 0.0\n"
+        "assert np.isclose(sj.safe_norm(jnp.array([t.max / 2, t.max / 2])), t.max / np.sqrt(2))\n"
+        "g = jax.grad(sj.safe_rsqrt)(jnp.float64(1e-300))\n"
+        "assert g.dtype == jnp.float64 and np.isfinite(g)\n"
+        "assert sj.safe_std(jnp.array([1.0, 3.0])).dtype == jnp.float64\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_bad_arguments_are_clear_errors():
+    x = jnp.ones((2, 3))
+    with pytest.raises(TypeError, match="axis must be an int.*1.0"):
+        sj.safe_norm(x, axis=1.0)
+    with pytest.raises(TypeError, match="axis must be an int"):
+        sj.safe_std(x, axis=jnp.array(0))
+    assert sj.safe_norm(x, axis=np.int64(1)).shape == (2,)  # numpy ints, as numpy takes
+    with pytest.raises(TypeError, match="keepdims must be True or False.*yes"):
+        sj.safe_std(x, keepdims="yes")
+    with pytest.raises(TypeError, match="mask must be boolean.*float32.*mask > 0.5"):
+        sj.safe_var(x, where=jnp.full((2, 3), 0.5))
+    np.testing.assert_array_equal(sj.safe_var(x, where=jnp.full((2, 3), 0.5) > 0.5), 0.0)
+    assert sj.safe_sqrt(4.0, grad_floor=jnp.float32(1e-6)) == 2.0
+    assert sj.safe_sqrt(4.0, grad_floor=np.float64(1e-6)) == 2.0

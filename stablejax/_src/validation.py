@@ -33,7 +33,15 @@ def canonical_axes(ndim: int, axis: int | Sequence[int] | None, where: str) -> t
     """
     if axis is None:
         return tuple(range(ndim))
-    axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
+    if isinstance(axis, numbers.Integral):
+        axes = (axis,)
+    elif isinstance(axis, (tuple, list)):
+        axes = tuple(axis)
+    else:
+        raise TypeError(
+            f"{where}: axis must be an int, a tuple of ints or None, got {axis!r} "
+            f"({type(axis).__name__}); pass a Python int, e.g. axis=-1."
+        )
     out = []
     for a in axes:
         if not isinstance(a, numbers.Integral) or isinstance(a, bool):
@@ -57,6 +65,11 @@ def broadcast_mask(mask: ArrayLike | None, shape: tuple[int, ...], where: str):
     if mask is None:
         return None
     mask = jnp.asarray(mask)
+    if not (mask.dtype == bool or jnp.issubdtype(mask.dtype, jnp.integer)):
+        raise TypeError(
+            f"{where}: the mask must be boolean (True on valid entries), got dtype {mask.dtype}; "
+            "a fractional value has no meaning as a mask: pass e.g. `mask > 0.5`."
+        )
     try:
         return jnp.broadcast_to(mask.astype(bool), shape)
     except ValueError:
@@ -67,15 +80,43 @@ def broadcast_mask(mask: ArrayLike | None, shape: tuple[int, ...], where: str):
 
 
 def check_nonnegative(name: str, value: float, where: str) -> float:
-    """Raises ``ValueError`` unless ``value`` is a finite, non-negative Python number."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{where}: `{name}` must be a real number, got {value!r}.")
+    """Raises ``ValueError`` unless ``value`` is a finite, non-negative real number.
+
+    Python, numpy and concrete 0-d jax scalars (``jnp.float32(1e-6)``) are accepted.
+    """
+    value = real_scalar(name, value, where)
     if not np.isfinite(value) or value < 0:
         raise ValueError(
             f"{where}: `{name}` must be finite and >= 0, got {value!r}. "
             f"Use {name}=0.0 for the exact formula or a small positive value such as 1e-6."
         )
     return float(value)
+
+
+def real_scalar(name: str, value, where: str) -> float:
+    """Returns ``value`` as a Python float: a real Python, numpy or concrete 0-d jax scalar."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{where}: `{name}` must be a real number, got {value!r}.")
+    if isinstance(value, numbers.Real):
+        return value
+    dtype = getattr(value, "dtype", None)
+    if getattr(value, "shape", None) == () and dtype is not None and (
+            jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        try:
+            return float(value)
+        except Exception:  # a tracer: the value is not known when the module is built
+            raise TypeError(
+                f"{where}: `{name}` must be a concrete number, got the traced value {value!r}; "
+                f"pass it as a Python float, e.g. {name}=1e-6."
+            ) from None
+    raise TypeError(f"{where}: `{name}` must be a real number, got {value!r}.")
+
+
+def check_keepdims(value, where: str) -> bool:
+    """Returns ``keepdims`` as a bool; raises ``TypeError`` for anything but a bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{where}: keepdims must be True or False, got {value!r}.")
+    return bool(value)
 
 
 def check_positive(name: str, value: float, where: str) -> float:

@@ -24,7 +24,12 @@ from jax import lax
 
 from stablejax._src import validation
 from stablejax._src.numerics.dtypes import compute_dtype
-from stablejax._src.numerics.reductions import NORMALIZE_GRAD_FLOOR, mean_spread, unit
+from stablejax._src.numerics.reductions import (
+    NORMALIZE_GRAD_FLOOR,
+    mean_spread,
+    standardize,
+    unit,
+)
 from stablejax._src.typing import Array, Axis
 
 
@@ -66,18 +71,15 @@ def compute_stats(
 
 
 def _exact_standardize(
-    x: Array, axes: tuple[int, ...], use_mean: bool, mask: Array | None, dtype: Any
+    x: Array, axes: tuple[int, ...], use_mean: bool, mask: Array | None, dtype: Any,
+    out_dtype: Any,
 ) -> Array:
     """``(x - mean) / std`` (or ``x / rms``) with no epsilon, through the safe core."""
     ct = compute_dtype(jnp.result_type(x) if dtype is None else dtype)
     x = x.astype(ct)
     if use_mean:
-        first = tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))
-        ref = x[first] if mask is None else jnp.where(mask[first], x[first], 0.0)
-        shifted = x - ref  # exact for a nearly constant row; the mean is taken of these
-        mean, _ = mean_spread(shifted, mask, axes, True, False)
-        x = shifted - mean
-    return unit(x, mask, axes, mean=True, floor=NORMALIZE_GRAD_FLOOR)
+        return standardize(x, mask, axes, floor=NORMALIZE_GRAD_FLOOR, dtype=out_dtype)
+    return unit(x, mask, axes, mean=True, floor=NORMALIZE_GRAD_FLOOR, dtype=out_dtype)
 
 
 def layer_norm(
@@ -120,7 +122,9 @@ def layer_norm(
                 f"{where}: epsilon=0 with axis_name={axis_name!r} is not supported; "
                 "use a positive epsilon for statistics reduced across devices."
             )
-        y = _exact_standardize(x, red, use_mean, mask, dtype if force_float32_reductions else None)
+        out_dtype = flax_dtypes.canonicalize_dtype(x, scale, bias, dtype=dtype)
+        y = _exact_standardize(x, red, use_mean, mask, dtype if force_float32_reductions else None,
+                               out_dtype)
         mul = None
     else:
         mean, var = compute_stats(
@@ -148,7 +152,8 @@ def l2_normalize(x: Array, axis: Axis, scale: Array | None, dtype: Any, where: s
     x = jnp.asarray(x)
     axes = validation.canonical_axes(x.ndim, axis, where)
     out_dtype = flax_dtypes.canonicalize_dtype(x, scale, dtype=dtype)
-    y = unit(x.astype(compute_dtype(x.dtype)), None, axes, mean=False, floor=NORMALIZE_GRAD_FLOOR)
+    y = unit(x.astype(compute_dtype(x.dtype)), None, axes, mean=False, floor=NORMALIZE_GRAD_FLOOR,
+             dtype=out_dtype)
     if scale is not None:
         y = y * scale
     return y.astype(out_dtype)
@@ -189,15 +194,41 @@ def std_pool(
                 f"{where}: mask must be shaped like the input without its feature axis, "
                 f"{x.shape[:-1]}, got {mask.shape}."
             )
-        mask = jnp.broadcast_to(mask.astype(bool)[..., None], x.shape)
+        mask = validation.broadcast_mask(mask[..., None], x.shape, where)
     out_dtype = x.dtype if dtype is None else dtype
     mean, std = mean_spread(x.astype(compute_dtype(x.dtype)), mask, (time,), False, True)
     out = jnp.concatenate([mean, std], axis=-1) if output == "mean_std" else std
     return out.astype(out_dtype)
 
 
-def check_std_pool_config(axis: int, output: str, where: str) -> None:
-    """Construction-time checks of ``StdPool``: the output kind and the time axis."""
+def check_layer_input(
+    x: Array, mask: Any, epsilon: float, reduction_axes: Axis, feature_axes: Axis, where: str
+) -> None:
+    """Call-time checks of the norm layers: a float (or, at ``epsilon=0``, real) input
+    and a boolean mask. Complex input is accepted for ``epsilon > 0``, as flax does."""
+    dtype = jnp.result_type(x)
+    if epsilon != 0 and jnp.issubdtype(dtype, jnp.complexfloating):
+        pass
+    elif jnp.issubdtype(dtype, jnp.complexfloating):
+        raise TypeError(
+            f"{where}: complex input needs epsilon > 0 (flax's arithmetic), got epsilon=0; "
+            "pass e.g. epsilon=1e-6, or normalize the real and imaginary parts separately."
+        )
+    else:
+        validation.check_float("x", x, where)
+    validation.canonical_axes(jnp.ndim(x), reduction_axes, where)
+    validation.canonical_axes(jnp.ndim(x), feature_axes, where)
+    if mask is not None:
+        validation.broadcast_mask(mask, jnp.shape(x), where)
+
+
+def check_std_pool_config(axis: int, output: str, where: str, dtype: Any = None) -> None:
+    """Construction-time checks of ``StdPool``: the output kind, the time axis, the dtype."""
+    if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+        raise TypeError(
+            f"{where}: dtype={dtype!r} is not a floating-point dtype; the pooled mean and "
+            "std are real numbers: pass e.g. dtype=jnp.float32, or None for the input's."
+        )
     if not isinstance(axis, int) or isinstance(axis, bool):
         raise TypeError(f"{where}: axis must be an int (the time axis), got {axis!r}.")
     if axis == -1:

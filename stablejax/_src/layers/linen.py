@@ -65,15 +65,18 @@ class LayerNorm(nn.LayerNorm):
 
     @nn.compact
     def __call__(self, x: Array, *, mask: jax.Array | None = None) -> Array:
-        validation.check_float("x", x, "stablejax.nn.LayerNorm")
+        where = "stablejax.nn.LayerNorm"
+        core.check_layer_input(
+            x, mask, self.epsilon, self.reduction_axes, self.feature_axes, where)
+        if self.epsilon != 0:  # flax's own code: equal bit for bit, eager and jitted
+            return super().__call__(x, mask=mask)
         scale, bias = _params(self, x, self.use_scale, self.use_bias, self.bias_init)
         return core.layer_norm(
             x, scale, bias, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
-            epsilon=self.epsilon, dtype=self.dtype, use_mean=True,
+            epsilon=0.0, dtype=self.dtype, use_mean=True,
             use_fast_variance=self.use_fast_variance, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, mask=mask,
-            force_float32_reductions=self.force_float32_reductions,
-            where="stablejax.nn.LayerNorm",
+            force_float32_reductions=self.force_float32_reductions, where=where,
         )
 
 
@@ -101,15 +104,18 @@ class RMSNorm(nn.RMSNorm):
 
     @nn.compact
     def __call__(self, x: Array, *, mask: jax.Array | None = None) -> Array:
-        validation.check_float("x", x, "stablejax.nn.RMSNorm")
+        where = "stablejax.nn.RMSNorm"
+        core.check_layer_input(
+            x, mask, self.epsilon, self.reduction_axes, self.feature_axes, where)
+        if self.epsilon != 0:
+            return super().__call__(x, mask=mask)
         scale, _ = _params(self, x, self.use_scale, False)
         return core.layer_norm(
             x, scale, None, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
-            epsilon=self.epsilon, dtype=self.dtype, use_mean=False,
+            epsilon=0.0, dtype=self.dtype, use_mean=False,
             use_fast_variance=self.use_fast_variance, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, mask=mask,
-            force_float32_reductions=self.force_float32_reductions,
-            where="stablejax.nn.RMSNorm",
+            force_float32_reductions=self.force_float32_reductions, where=where,
         )
 
 
@@ -183,7 +189,7 @@ class StdPool(nn.Module):
     dtype: Any = None
 
     def __post_init__(self):
-        core.check_std_pool_config(self.axis, self.output, "stablejax.nn.StdPool")
+        core.check_std_pool_config(self.axis, self.output, "stablejax.nn.StdPool", self.dtype)
         super().__post_init__()
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:

@@ -7,6 +7,7 @@ finite at ``epsilon = 0``.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import jax.numpy as jnp
@@ -39,17 +40,22 @@ class LayerNorm(nnx.LayerNorm):
         validation.check_nonnegative("epsilon", epsilon, "stablejax.nnx.LayerNorm")
         super().__init__(num_features, epsilon=epsilon, **kwargs)
 
+    __init__.__signature__ = inspect.signature(nnx.LayerNorm.__init__)
+
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
-        validation.check_float("x", x, "stablejax.nnx.LayerNorm")
+        where = "stablejax.nnx.LayerNorm"
+        core.check_layer_input(
+            x, mask, self.epsilon, self.reduction_axes, self.feature_axes, where)
+        if self.epsilon != 0:  # flax's own code: equal bit for bit, eager and jitted
+            return super().__call__(x, mask=mask)
         scale = self.scale[...] if self.use_scale else None
         bias = self.bias[...] if self.use_bias else None
         x, scale, bias = self.promote_dtype((x, scale, bias), dtype=self.dtype)
         return core.layer_norm(
             x, scale, bias, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
-            epsilon=self.epsilon, dtype=self.dtype, use_mean=True,
+            epsilon=0.0, dtype=self.dtype, use_mean=True,
             use_fast_variance=self.use_fast_variance, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, mask=mask,
-            where="stablejax.nnx.LayerNorm",
+            axis_index_groups=self.axis_index_groups, mask=mask, where=where,
         )
 
 
@@ -71,16 +77,21 @@ class RMSNorm(nnx.RMSNorm):
         validation.check_nonnegative("epsilon", epsilon, "stablejax.nnx.RMSNorm")
         super().__init__(num_features, epsilon=epsilon, **kwargs)
 
+    __init__.__signature__ = inspect.signature(nnx.RMSNorm.__init__)
+
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
-        validation.check_float("x", x, "stablejax.nnx.RMSNorm")
+        where = "stablejax.nnx.RMSNorm"
+        core.check_layer_input(
+            x, mask, self.epsilon, self.reduction_axes, self.feature_axes, where)
+        if self.epsilon != 0:
+            return super().__call__(x, mask=mask)
         scale = self.scale[...] if self.use_scale else None
         x, scale = self.promote_dtype((x, scale), dtype=self.dtype)
         return core.layer_norm(
             x, scale, None, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes,
-            epsilon=self.epsilon, dtype=self.dtype, use_mean=False,
+            epsilon=0.0, dtype=self.dtype, use_mean=False,
             use_fast_variance=self.use_fast_variance, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, mask=mask,
-            where="stablejax.nnx.RMSNorm",
+            axis_index_groups=self.axis_index_groups, mask=mask, where=where,
         )
 
 
@@ -141,7 +152,7 @@ class StdPool(nnx.Module):
     """
 
     def __init__(self, axis: int = -2, *, output: str = "mean_std", dtype: Any = None):
-        core.check_std_pool_config(axis, output, "stablejax.nnx.StdPool")
+        core.check_std_pool_config(axis, output, "stablejax.nnx.StdPool", dtype)
         self.axis = axis
         self.output = output
         self.dtype = dtype

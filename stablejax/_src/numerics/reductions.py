@@ -5,11 +5,16 @@ The numerics core that every stablejax layer calls. Each function is a
 derivatives (gradient penalties) all work, and the derivative rules are written
 with the double-``where`` guard so that differentiating them again stays finite.
 
-Accuracy. Rows are rescaled by an exact power of two before squaring, so the
-norm of a float32 row of ``1e30`` (whose squares overflow) or ``1e-30`` (whose
-squares underflow) is computed correctly. Variances are computed two-pass around
-the row's mid-range, so a constant row gives exactly 0 and a large offset does
-not cancel catastrophically. No epsilon enters any forward value.
+Accuracy. The plain two-pass statistics are taken first; where some row's sum
+of squares overflows, underflows, or (for variances) the row is so nearly
+constant that the rounding of its mean would show, the batch is recomputed with
+each row rescaled by an exact power of two around its mid-range (``lax.cond``,
+so this pass is paid only then). The norm of a float32 row of ``1e30`` (whose
+squares overflow), ``1e-30`` (whose squares underflow) or of entries up to the
+dtype's largest number is computed correctly, a constant row gives exactly 0,
+and a large offset does not cancel catastrophically. No epsilon enters any
+forward value. Inputs below the smallest normal number count as 0 for the
+derivatives (XLA flushes them to zero on CPU and GPU).
 
 Singular points. At the zero vector (norm, normalize) or a constant row (var,
 std) the value is 0 and the derivative is 0, the minimum-norm subgradient.
@@ -29,6 +34,7 @@ import jax.numpy as jnp
 
 from stablejax._src import validation
 from stablejax._src.numerics.dtypes import compute_dtype, pow2_scale
+from stablejax._src.numerics.ops import _coef, dtype_floor
 from stablejax._src.typing import Array, ArrayLike, Axis
 
 NORMALIZE_GRAD_FLOOR = 1e-6
@@ -56,20 +62,54 @@ def _safe_recip(r: Array) -> Array:
     return jnp.where(zero, 0.0, 1.0 / jnp.where(zero, 1.0, r))
 
 
+def _exact_floor(x: Array, axes: tuple[int, ...]) -> float:
+    """The smallest sum of ``n`` squares that the plain formula computes as exactly as
+    the rescaled one: every square it could lose to underflow is below one rounding."""
+    info = jnp.finfo(x.dtype)
+    n = math.prod(x.shape[a] for a in axes)
+    return float(info.tiny) * 2.0 ** (info.nmant + 1) * max(n, 1)
+
+
+def _ones(like: Array) -> Array:
+    return jnp.ones_like(like)
+
+
 # --------------------------------------------------------------------------- norm
 
 
-def _scaled(x: Array, mask: Array | None, axes: tuple[int, ...]) -> tuple[Array, Array]:
-    """Returns ``(z, s)`` with ``x = s * z`` and ``max|z|`` in ``[0.5, 4)`` per row."""
-    m = jnp.max(jnp.abs(_valid(x, mask)), axis=axes, keepdims=True)
-    s, inv = pow2_scale(m)
-    return x * inv, s
+def _norm_stats(x: Array, mask: Array | None, axes: tuple[int, ...], mean: bool):
+    """Returns ``(inv, s, ss)`` per row: ``z = x * inv``, ``norm = s * sqrt(ss)``.
+
+    The plain sum of squares is taken first. Only when some row's sum is not
+    finite (an entry near the dtype's largest number) or so small that a square
+    could have underflowed (zero rows included) is the batch recomputed with the
+    exact power-of-two rescaling (``lax.cond``: the second pass is paid only then).
+    Where both are computed they agree bit for bit: scaling by a power of two is exact.
+    """
+    xv = _valid(x, mask)
+    ss = jnp.sum(xv * xv, axis=axes, keepdims=True)
+    ok = jnp.all(jnp.isfinite(ss) & (ss >= _exact_floor(x, axes)))
+    count = jnp.maximum(_count(x, mask, axes), 1.0) if mean else None
+
+    def plain():
+        return _ones(ss), _ones(ss), ss
+
+    def rescaled():
+        m = jnp.max(jnp.abs(xv), axis=axes, keepdims=True, initial=0.0)
+        s, inv = pow2_scale(m)
+        zv = xv * inv
+        return inv, s, jnp.sum(zv * zv, axis=axes, keepdims=True)
+
+    inv, s, ssz = jax.lax.cond(ok, plain, rescaled)
+    if mean:
+        ssz = ssz / count
+    return inv, s, ssz
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
 def _norm(x: Array, axes: tuple[int, ...], keepdims: bool) -> Array:
-    z, s = _scaled(x, None, axes)
-    n = s * _root(jnp.sum(z * z, axis=axes, keepdims=True))
+    _, s, ss = _norm_stats(x, None, axes, False)
+    n = s * _root(ss)
     return n if keepdims else jnp.squeeze(n, axes)
 
 
@@ -81,10 +121,10 @@ def _norm_jvp(axes, keepdims, primals, tangents):
     subgradient), so the derivative is 0 there. It is bounded by 1 everywhere.
     """
     (x,), (dx,) = primals, tangents
-    z, s = _scaled(x, None, axes)
-    r = _root(jnp.sum(z * z, axis=axes, keepdims=True))
+    inv, s, ss = _norm_stats(x, None, axes, False)
+    r = _root(ss)
     n = s * r
-    unit = z * _safe_recip(r)
+    unit = (x * inv) * _safe_recip(r)
     dn = jnp.sum(unit * dx, axis=axes, keepdims=True)
     if not keepdims:
         n, dn = jnp.squeeze(n, axes), jnp.squeeze(dn, axes)
@@ -101,68 +141,117 @@ def _unit_parts(x: Array, mask: Array | None, axes: tuple[int, ...], mean: bool)
     root-mean-square when ``mean`` is true. ``y`` is computed for every entry,
     masked ones too, with the statistics of the valid ones.
     """
-    z, s = _scaled(x, mask, axes)
-    zv = _valid(z, mask)
-    ss = jnp.sum(zv * zv, axis=axes, keepdims=True)
-    if mean:
-        ss = ss / jnp.maximum(_count(x, mask, axes), 1.0)
+    inv, s, ss = _norm_stats(x, mask, axes, mean)
     r = _root(ss)
-    return z * _safe_recip(r), s * r
+    return (x * inv) * _safe_recip(r), s * r
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
-def _unit(x: Array, mask: Array | None, axes: tuple[int, ...], mean: bool, floor: float):
-    del floor
-    return _unit_parts(x, mask, axes, mean)[0]
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
+def _unit(x: Array, mask, axes: tuple[int, ...], mean: bool, floor: float, dtype: str):
+    """Returns ``(y, N)``: the unit vector and the norm (or root-mean-square)."""
+    del floor, dtype
+    return _unit_parts(x, mask, axes, mean)
 
 
 @_unit.defjvp
-def _unit_jvp(axes, mean, floor, primals, tangents):
-    r"""Derivative of ``y = x / N(x)`` with a floored denominator.
+def _unit_jvp(axes, mean, floor, dtype, primals, tangents):
+    r"""Derivative of ``y = x / N(x)`` with a floored denominator, and of ``N``.
 
     .. math::
-        dy = \frac{dx - y\,\langle y, dx\rangle_v / c}{\max(N, f)}
+        dy = \frac{dx - y\,\langle y, dx\rangle_v / c}{\max(N, f)}, \qquad
+        dN = \langle y, dx\rangle_v / c
 
     where :math:`\langle\cdot,\cdot\rangle_v` sums over the valid entries,
     ``c`` is 1 (norm) or their count (root-mean-square), and ``f`` the floor.
-    At ``N = 0`` the derivative is 0.
+    At ``N = 0`` the derivative is 0. ``y``, ``N`` and the coefficient
+    :math:`1/\max(N, f)` are computed by floored ops themselves (this one, and
+    ``_coef``), so differentiating this rule again is floored in turn.
     """
     x, mask = primals
     dx = tangents[0]
-    y, n = _unit_parts(x, mask, axes, mean)
+    y, n = _unit(x, mask, axes, mean, floor, dtype)
     proj = jnp.sum(_valid(y * dx, mask), axis=axes, keepdims=True)
     if mean:
         proj = proj / jnp.maximum(_count(x, mask, axes), 1.0)
-    coef = jnp.where(n == 0, 0.0, 1.0 / jnp.maximum(n, floor))
-    return y, coef * (dx - y * proj)
+    return (y, n), (_coef(n, 1.0, -1.0, floor, dtype) * (dx - y * proj), proj)
 
 
-def unit(x: Array, mask: Array | None, axes: tuple[int, ...], *, mean: bool, floor: float):
-    """Core of :func:`safe_normalize` and of the layers at ``epsilon=0`` (compute dtype in)."""
-    return _unit(x, mask, axes, mean, floor)
+def unit(x: Array, mask: Array | None, axes: tuple[int, ...], *, mean: bool, floor: float,
+         dtype: str | None = None):
+    """Core of :func:`safe_normalize` and of the layers at ``epsilon=0`` (compute dtype in).
+
+    ``dtype`` (the output dtype, default ``x``'s) raises ``floor`` where needed so
+    that the derivative bounds ``2/floor`` and, one order up, ``8/floor**2`` are
+    finite in it.
+    """
+    dtype = jnp.dtype(x.dtype if dtype is None else dtype).name
+    return _unit(x, mask, axes, mean, _layer_floor(floor, dtype), dtype)[0]
+
+
+def _layer_floor(floor: float, dtype: str) -> float:
+    return max(floor, dtype_floor(2.0, -1.0, dtype), dtype_floor(8.0, -2.0, dtype))
 
 
 # --------------------------------------------------------------------------- moments
 
+# A row whose standard deviation is below this many roundings of its mean is
+# nearly constant: the rounding of the plain mean would show in its variance.
+_NEAR_CONSTANT = 4096.0
+
 
 def _moment_parts(x: Array, mask: Array | None, axes: tuple[int, ...]):
-    """Shifted, rescaled two-pass moments.
+    """Two-pass moments, rescaled only where needed.
 
-    Returns ``(mean, var_z, dz, s, count)`` with ``x - mean = s * dz`` on the
-    valid entries (0 elsewhere) and ``var = s**2 * var_z``.
+    Returns ``(center, inv, s, mean_z, var_z, count)``: on the valid entries
+    ``z = (x - center) * inv`` has mean ``mean_z`` and variance ``var_z``, so
+    ``mean = center + s * mean_z`` and ``var = s * (s * var_z)``.
+
+    The plain two-pass moments (``center = mean``, ``s = 1``) are taken first;
+    the batch is recomputed around each row's mid-range with a power-of-two
+    rescaling (``lax.cond``) only when some row overflows or underflows, or is
+    so nearly constant that the rounding of its mean would show in its variance
+    (a constant row then gives exactly 0). The mid-range is taken as
+    ``lo + (hi - lo)/2`` for rows of one sign and ``(hi + lo)/2`` otherwise, so
+    neither sum can overflow.
     """
     count = _count(x, mask, axes)
-    hi = jnp.max(_valid(x, mask, -jnp.inf), axis=axes, keepdims=True)
-    lo = jnp.min(_valid(x, mask, jnp.inf), axis=axes, keepdims=True)
-    empty = count == 0
-    mid = jnp.where(empty, 0.0, 0.5 * hi + 0.5 * lo)
-    s, inv = pow2_scale(jnp.where(empty, 0.0, 0.5 * hi - 0.5 * lo))
-    z = _valid((x - mid) * inv, mask)
     denom = jnp.maximum(count, 1.0)
-    mean_z = jnp.sum(z, axis=axes, keepdims=True) / denom
-    dz = _valid(z - mean_z, mask)
-    var_z = jnp.sum(dz * dz, axis=axes, keepdims=True) / denom
-    return mid + s * mean_z, var_z, dz, s, count
+    xv = _valid(x, mask)
+    mean = jnp.sum(xv, axis=axes, keepdims=True) / denom
+    d = _valid(x - mean, mask)
+    # An overflowed mean makes d infinite; zeroed (the rescaled branch is taken then) so
+    # that the zero cotangent of the branch not taken cannot turn into inf * 0 = NaN.
+    d = jnp.where(jnp.isfinite(d), d, 0.0)
+    ssd = jnp.sum(d * d, axis=axes, keepdims=True)
+    var = ssd / denom
+    eps = float(jnp.finfo(x.dtype).eps) * _NEAR_CONSTANT
+    ok = jnp.isfinite(ssd) & (ssd >= _exact_floor(x, axes)) & jnp.isfinite(mean)
+    ok = ok & (var > eps * eps * (mean * mean))
+    ok = jnp.all(ok)
+
+    def plain():
+        return mean, _ones(mean), _ones(mean), jnp.zeros_like(mean), var
+
+    def rescaled():
+        hi = jnp.max(_valid(x, mask, -jnp.inf), axis=axes, keepdims=True, initial=-jnp.inf)
+        lo = jnp.min(_valid(x, mask, jnp.inf), axis=axes, keepdims=True, initial=jnp.inf)
+        empty = count == 0
+        same_sign = (hi >= 0) == (lo >= 0)
+        mid = jnp.where(same_sign, lo + (hi - lo) * 0.5, (hi + lo) * 0.5)
+        mid = jnp.where(empty, 0.0, mid)
+        s, inv = pow2_scale(jnp.where(empty, 0.0, hi - mid))
+        z = _valid((x - mid) * inv, mask)
+        mean_z = jnp.sum(z, axis=axes, keepdims=True) / denom
+        dz = _valid(z - mean_z, mask)
+        return mid, inv, s, mean_z, jnp.sum(dz * dz, axis=axes, keepdims=True) / denom
+
+    center, inv, s, mean_z, var_z = jax.lax.cond(ok, plain, rescaled)
+    return center, inv, s, mean_z, var_z, count
+
+
+def _centred(x: Array, mask: Array | None, center, inv, mean_z) -> Array:
+    """``(x - mean) / s`` on every entry (0 on masked ones when ``mask`` is given)."""
+    return _valid((x - center) * inv - mean_z, mask)
 
 
 def _squeeze(keepdims: bool, axes: tuple[int, ...], *xs: Array):
@@ -171,9 +260,9 @@ def _squeeze(keepdims: bool, axes: tuple[int, ...], *xs: Array):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
 def _mean_spread(x: Array, mask: Array | None, axes, keepdims: bool, std: bool):
-    mean, var_z, _, s, _ = _moment_parts(x, mask, axes)
-    spread = s * _root(var_z) if std else (s * s) * var_z
-    return _squeeze(keepdims, axes, mean, spread)
+    center, _, s, mean_z, var_z, _ = _moment_parts(x, mask, axes)
+    spread = s * _root(var_z) if std else s * (s * var_z)
+    return _squeeze(keepdims, axes, center + s * mean_z, spread)
 
 
 @_mean_spread.defjvp
@@ -190,8 +279,10 @@ def _mean_spread_jvp(axes, keepdims, std, primals, tangents):
     """
     x, mask = primals
     dx = _valid(tangents[0], mask)
-    mean, var_z, dz, s, count = _moment_parts(x, mask, axes)
+    center, inv, s, mean_z, var_z, count = _moment_parts(x, mask, axes)
+    dz = _centred(x, mask, center, inv, mean_z)
     denom = jnp.maximum(count, 1.0)
+    mean = center + s * mean_z
     dmean = jnp.sum(dx, axis=axes, keepdims=True) / denom
     inner = jnp.sum(dz * dx, axis=axes, keepdims=True) / denom
     if std:
@@ -199,7 +290,7 @@ def _mean_spread_jvp(axes, keepdims, std, primals, tangents):
         spread = s * root
         dspread = inner * _safe_recip(root)
     else:
-        spread = (s * s) * var_z
+        spread = s * (s * var_z)
         dspread = 2.0 * s * inner
     return _squeeze(keepdims, axes, mean, spread), _squeeze(keepdims, axes, dmean, dspread)
 
@@ -207,6 +298,50 @@ def _mean_spread_jvp(axes, keepdims, std, primals, tangents):
 def mean_spread(x: Array, mask: Array | None, axes: tuple[int, ...], keepdims: bool, std: bool):
     """Core of :func:`safe_var`, :func:`safe_std` and ``StdPool`` (compute dtype in)."""
     return _mean_spread(x, mask, axes, keepdims, std)
+
+
+# --------------------------------------------------------------------------- standardize
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _standardize(x: Array, mask: Array | None, axes, floor: float, dtype: str):
+    """Returns ``(y, sigma)``: the standardized row and its standard deviation."""
+    del floor, dtype
+    center, inv, s, mean_z, var_z, _ = _moment_parts(x, mask, axes)
+    r = _root(var_z)
+    return ((x - center) * inv - mean_z) * _safe_recip(r), s * r
+
+
+@_standardize.defjvp
+def _standardize_jvp(axes, floor, dtype, primals, tangents):
+    r"""Derivative of :math:`y = (x - \mu)/\sigma` with a floored denominator, and of σ.
+
+    .. math::
+        dy = \frac{dx - \overline{dx}_v - y\,\overline{y\,dx}_v}{\max(\sigma, f)},
+        \qquad d\sigma = \overline{y\,dx}_v
+
+    (means over the valid entries); 0 on a constant row. ``y`` and σ come from
+    this op itself, so differentiating the rule again is floored in turn.
+    """
+    x, mask = primals
+    dx = tangents[0]
+    y, sigma = _standardize(x, mask, axes, floor, dtype)
+    denom = jnp.maximum(_count(x, mask, axes), 1.0)
+    dmean = jnp.sum(_valid(dx, mask), axis=axes, keepdims=True) / denom
+    proj = jnp.sum(_valid(y * dx, mask), axis=axes, keepdims=True) / denom
+    dy = _coef(sigma, 1.0, -1.0, floor, dtype) * (dx - dmean - y * proj)
+    return (y, sigma), (dy, proj)
+
+
+def standardize(x: Array, mask: Array | None, axes: tuple[int, ...], *, floor: float,
+                dtype: str | None = None) -> Array:
+    """``(x - mean) / std`` over ``axes`` with no epsilon: the layers at ``epsilon=0``.
+
+    One pass of statistics (the plain two-pass moments, rescaled only where a row
+    needs it); a constant row gives 0 with gradient 0.
+    """
+    dtype = jnp.dtype(x.dtype if dtype is None else dtype).name
+    return _standardize(x, mask, axes, _layer_floor(floor, dtype), dtype)[0]
 
 
 # --------------------------------------------------------------------------- public
@@ -251,7 +386,7 @@ def safe_norm(x: ArrayLike, axis: Axis = None, keepdims: bool = False) -> Array:
       Array(5.e+30, dtype=float32)
     """
     xc, dtype, axes, _ = _prepare("safe_norm", x, axis, None)
-    return _norm(xc, axes, bool(keepdims)).astype(dtype)
+    return _norm(xc, axes, validation.check_keepdims(keepdims, "safe_norm")).astype(dtype)
 
 
 def safe_normalize(
@@ -288,7 +423,7 @@ def safe_normalize(
     """
     xc, dtype, axes, _ = _prepare("safe_normalize", x, axis, None)
     floor = validation.check_positive("grad_floor", grad_floor, "safe_normalize")
-    return unit(xc, None, axes, mean=False, floor=floor).astype(dtype)
+    return unit(xc, None, axes, mean=False, floor=floor, dtype=dtype).astype(dtype)
 
 
 def safe_var(
@@ -325,7 +460,8 @@ def safe_var(
       1.0
     """
     xc, dtype, axes, mask = _prepare("safe_var", x, axis, where)
-    return mean_spread(xc, mask, axes, bool(keepdims), False)[1].astype(dtype)
+    keepdims = validation.check_keepdims(keepdims, "safe_var")
+    return mean_spread(xc, mask, axes, keepdims, False)[1].astype(dtype)
 
 
 def safe_std(
@@ -367,4 +503,5 @@ def safe_std(
       Array(1.e-06, dtype=float32)
     """
     xc, dtype, axes, mask = _prepare("safe_std", x, axis, where)
-    return mean_spread(xc, mask, axes, bool(keepdims), True)[1].astype(dtype)
+    keepdims = validation.check_keepdims(keepdims, "safe_std")
+    return mean_spread(xc, mask, axes, keepdims, True)[1].astype(dtype)
