@@ -4,5 +4,7 @@ from stablejax._src.layers.nnx import L2Normalize as L2Normalize
 from stablejax._src.layers.nnx import LayerNorm as LayerNorm
 from stablejax._src.layers.nnx import RMSNorm as RMSNorm
 from stablejax._src.layers.nnx import StdPool as StdPool
+from stablejax._src.layers.precision import Policy as Policy
+from stablejax._src.layers.precision import mixed_precision as mixed_precision
 
-__all__ = ["L2Normalize", "LayerNorm", "RMSNorm", "StdPool"]
+__all__ = ["L2Normalize", "LayerNorm", "Policy", "RMSNorm", "StdPool", "mixed_precision"]
