@@ -151,7 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
         runs.remove("fp16_jmp")
     cfg = Config()
     if args.quick:
-        cfg = Config(steps=120, batch=16, seq=32, d_model=32, warmup=12, eval_batches=4)
+        cfg = Config(
+            steps=120, batch=16, seq=32, d_model=32, layers=1, warmup=12, eval_batches=4
+        )
     if args.steps is not None:
         cfg = Config(**{**cfg.__dict__, "steps": args.steps, "warmup": max(1, args.steps // 20)})
 
@@ -186,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
     elapsed = time.perf_counter() - t0
 
     print(
-        f"\n{cfg.steps} steps, batch {cfg.batch}x{cfg.seq}, d_model {cfg.d_model}; entropy "
+        f"\n{cfg.steps} steps, batch {cfg.batch}x{cfg.seq}, d_model {cfg.d_model}, "
+        f"{cfg.layers} layer(s); entropy "
         f"rate {entropy:.3f} nats, uniform guess {math.log(64):.3f}; {elapsed:.0f} s\n"
     )
     print("| run | final eval loss | vs float32 | final loss scale | overflows skipped |")
