@@ -208,8 +208,14 @@ def dynamic_loss_scale(
 
     def update_fn(updates, state, params=None, **extra_args):
         leaves = jax.tree.leaves(updates)
-        flags = [jnp.all(jnp.isfinite(g)) for g in leaves]
-        finite = jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+        # One float32 sum of |g| per leaf: finite iff every entry is (a NaN or
+        # Inf propagates; finite float16-range values cannot overflow it). The
+        # flag is read off a sqrt, which XLA materialises once, as the guard
+        # does: a flag taken off the raw sum is copied, with its chain of
+        # additions, into every elementwise loop that selects on it.
+        sums = [jnp.sum(jnp.abs(g.astype(jnp.float32))) for g in leaves]
+        total = jnp.sqrt(jnp.sum(jnp.stack(sums))) if sums else jnp.zeros([], jnp.float32)
+        finite = jnp.isfinite(total)
         if axis_name is not None:
             finite = lax.pmin(finite.astype(jnp.int32), axis_name) > 0
         overflow = ~finite
