@@ -148,4 +148,8 @@ def test_bad_dtypes_and_models_are_refused():
         sjnn.mixed_precision(jnp.int32)
     with pytest.raises(TypeError, match="policy.apply"):
         sjnn.mixed_precision().configure(Block())
-    assert sjnn.mixed_precision("bfloat16").compute_dtype == jnp.bfloat16
+    policy = sjnn.mixed_precision("bfloat16")
+    assert policy.compute_dtype == jnp.bfloat16
+    for layer in (sjnn.StdPool(), sjnn.L2Normalize(), nn.GroupNorm(), sjnnx.StdPool()):
+        assert policy.dtype_for(layer) == F32
+    assert policy.dtype_for(nn.Dense(2)) == jnp.bfloat16

@@ -29,14 +29,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from stablejax._src.layers import linen as sj_linen
+from stablejax._src.layers import nnx as sj_nnx
 from stablejax._src.typing import PyTree
 
 _WHERE = "stablejax.nn.mixed_precision"
 
-# Layers that normalise: their mean/variance reductions run in float32 (flax's
-# own norms upcast the statistics only when their dtype says so).
-_LINEN_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm, nn.InstanceNorm)
-_NNX_NORMS = (nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm, nnx.BatchNorm, nnx.InstanceNorm)
+# Layers that normalise or pool statistics: their reductions run in float32
+# (flax's own norms upcast the statistics only when their dtype says so).
+_LINEN_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm, nn.InstanceNorm,
+                sj_linen.L2Normalize, sj_linen.StdPool)
+_NNX_NORMS = (nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm, nnx.BatchNorm, nnx.InstanceNorm,
+              sj_nnx.L2Normalize, sj_nnx.StdPool)
 
 
 def _float_dtype(name: str, value: Any) -> jnp.dtype:
@@ -61,7 +65,8 @@ class Policy:
         Conv, Embed, attention projections...), e.g. float16.
       param_dtype: dtype the parameters are created and kept in (float32).
       norm_dtype: dtype of the normalisation layers (LayerNorm, RMSNorm,
-        GroupNorm, BatchNorm, InstanceNorm and stablejax's), of the attention
+        GroupNorm, BatchNorm, InstanceNorm, and stablejax's, L2Normalize and
+        StdPool included), of the attention
         softmax, and of the model's outputs (so the loss is computed on float32
         logits).
     """
