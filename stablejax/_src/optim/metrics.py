@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from stablejax._src.optim.guard import GuardState
+from stablejax._src.optim.loss_scale import loss_scale_metrics
 from stablejax._src.optim.overshoot import OvershootState
 from stablejax._src.typing import Array, PyTree
 
@@ -38,8 +39,10 @@ def metrics(opt_state: PyTree) -> dict[str, Array]:
     ``grad_norm``, ``grad_norm_mean``, ``grad_norm_std``, ``loss_mean``, ``halted``,
     ``give_ups``, ``lr_scale``; and, when the state holds an
     :func:`~stablejax.optim.overshoot_control` (as ``stable_adamw``'s does),
-    ``overshoot_scale`` and ``overshoots``. Values are jax scalars (works under
-    ``jit``).
+    ``overshoot_scale`` and ``overshoots``; and, when it holds a
+    :func:`~stablejax.optim.dynamic_loss_scale`, ``loss_scale``, ``overflows``
+    and ``loss_scale_good_steps`` (these alone if there is no guard). Values
+    are jax scalars (works under ``jit``).
 
     Args:
       opt_state: the full optimizer state; the guard may be nested anywhere in it.
@@ -48,7 +51,7 @@ def metrics(opt_state: PyTree) -> dict[str, Array]:
       A dict from name to scalar array.
 
     Raises:
-      ValueError: if ``opt_state`` holds no guard state.
+      ValueError: if ``opt_state`` holds neither a guard nor a loss-scale state.
 
     Examples:
       >>> import jax.numpy as jnp, optax
@@ -59,7 +62,13 @@ def metrics(opt_state: PyTree) -> dict[str, Array]:
       >>> int(metrics(state)["skipped_nonfinite"]), int(metrics(state)["first_nonfinite_leaf"])
       (1, 0)
     """
-    s = find_guard_state(opt_state)
+    scaler = loss_scale_metrics(opt_state)
+    try:
+        s = find_guard_state(opt_state)
+    except ValueError:
+        if scaler:  # a dynamic_loss_scale without a guard
+            return scaler
+        raise
     out = {
         "steps": s.steps,
         "skipped_total": s.skipped_total,
@@ -82,6 +91,7 @@ def metrics(opt_state: PyTree) -> dict[str, Array]:
             out["overshoot_scale"] = node.scale
             out["overshoots"] = node.overshoots
             break
+    out.update(scaler)
     # Plain arrays even when the state's leaves are wrapped (flax NNX's
     # Optimizer keeps them in OptArray variables, which jit cannot return).
     return {k: jnp.asarray(v) for k, v in out.items()}

@@ -12,6 +12,7 @@ import optax
 from stablejax._src import validation
 from stablejax._src.optim import clipping
 from stablejax._src.optim.guard import guard
+from stablejax._src.optim.loss_scale import dynamic_loss_scale
 from stablejax._src.optim.overshoot import overshoot_control
 
 _WHERE = "stablejax.optim.stable_adamw"
@@ -79,6 +80,7 @@ def stable_adamw(
     max_update_ratio: float | None = None,
     overshoot: bool = True,
     axis_name: str | None = None,
+    loss_scale: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """AdamW with warm-up + cosine decay, safe clipping, and a guard, in one call.
 
@@ -176,6 +178,11 @@ def stable_adamw(
         with its defaults (needs ``loss=``; ``False`` for the bare chain).
       axis_name: see :func:`stablejax.optim.guard` (also used by the clip and
         by ``overshoot_control``).
+      loss_scale: wrap the whole chain in
+        :func:`stablejax.optim.dynamic_loss_scale` with its defaults, for
+        float16 compute: differentiate :func:`stablejax.optim.scale_loss` of the
+        loss and pass that scaled loss as ``loss=``. An overflow is one skipped
+        step that the guard never sees.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; pass ``loss=`` to ``update``.
@@ -213,6 +220,8 @@ def stable_adamw(
     _check_max_update_ratio(max_update_ratio)
     if not isinstance(overshoot, bool):
         raise TypeError(f"{_WHERE}: `overshoot` must be True or False, got {overshoot!r}.")
+    if not isinstance(loss_scale, bool):
+        raise TypeError(f"{_WHERE}: `loss_scale` must be True or False, got {loss_scale!r}.")
 
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
@@ -242,6 +251,8 @@ def stable_adamw(
     if max_update_ratio is not None:
         tail.append(_clip_update_ratio(max_update_ratio))
     chain = optax.chain(guarded, *tail)
-    if not overshoot:
-        return chain
-    return overshoot_control(chain, axis_name=axis_name)
+    if overshoot:
+        chain = overshoot_control(chain, axis_name=axis_name)
+    if loss_scale:
+        chain = dynamic_loss_scale(chain, axis_name=axis_name)
+    return chain

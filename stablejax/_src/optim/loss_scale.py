@@ -1,0 +1,320 @@
+"""Dynamic loss scaling for float16 training, as an optax wrapper.
+
+float16's smallest normal number is about 6e-5 and its largest 65504: small
+gradients flush to zero in the backward pass unless the loss is multiplied by a
+large factor first, and too large a factor overflows to Inf. ``scale_loss``
+multiplies the loss by the current scale, :func:`dynamic_loss_scale` divides the
+gradients by it (in float32), skips the step on an overflow and adapts the scale,
+with the semantics of PyTorch's ``GradScaler``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from stablejax._src.optim.guard import _update_reading_selected_state
+from stablejax._src.typing import Array, ArrayLike, PyTree
+
+_WHERE = "stablejax.optim.dynamic_loss_scale"
+
+
+class LossScaleState(NamedTuple):
+    """State of :func:`dynamic_loss_scale`.
+
+    Attributes:
+      scale: the current loss scale (float32, always finite, within
+        ``[min_scale, max_scale]``).
+      good_steps: finite steps in a row since the scale last changed (int32).
+      overflows: steps skipped for non-finite gradients, in total (int32).
+      steps: ``update`` calls (int32).
+      inner_state: the wrapped transformation's state.
+    """
+
+    scale: Array
+    good_steps: Array
+    overflows: Array
+    steps: Array
+    inner_state: PyTree
+
+
+def _real(name: str, value: Any) -> float:
+    """``value`` as a Python float; jax/numpy scalars accepted, bools and tracers refused."""
+    if isinstance(value, bool) or isinstance(value, np.bool_):
+        raise TypeError(f"{_WHERE}: `{name}` must be a real number, got {value!r}.")
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{_WHERE}: `{name}` must be a concrete number, got a traced value; build the "
+            "optimizer outside jit."
+        )
+    try:
+        arr = np.asarray(value)
+    except Exception:  # noqa: BLE001 - anything not array-like is refused below
+        arr = None
+    if arr is None or arr.shape != () or not np.issubdtype(arr.dtype, np.number):
+        raise TypeError(f"{_WHERE}: `{name}` must be a real number, got {value!r}.")
+    if np.iscomplexobj(arr):
+        raise TypeError(f"{_WHERE}: `{name}` must be a real number, got {value!r}.")
+    return float(arr)
+
+
+def _check(name: str, value: Any, ok: bool, fix: str) -> None:
+    if not ok:
+        raise ValueError(f"{_WHERE}: {name}={value!r} {fix}")
+
+
+def dynamic_loss_scale(
+    inner: optax.GradientTransformation,
+    *,
+    init_scale: float = 2.0**15,
+    growth_interval: int = 2000,
+    growth_factor: float = 2.0,
+    backoff_factor: float = 0.5,
+    min_scale: float = 1.0,
+    max_scale: float = 2.0**24,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Wraps ``inner`` with a dynamic loss scale for float16 training.
+
+    Use with :func:`scale_loss`::
+
+        tx = dynamic_loss_scale(optax.adamw(1e-3))
+        opt_state = tx.init(params)
+
+        def step(params, opt_state, batch):
+            loss_fn = lambda p: scale_loss(model_loss(p, batch), opt_state)
+            scaled_loss, grads = jax.value_and_grad(loss_fn)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+    Each ``update`` with scale :math:`s` receives :math:`g_s = s\,\nabla L`:
+
+    * if every leaf of :math:`g_s` is finite (on every replica, with
+      ``axis_name``), ``inner`` is updated with :math:`g = g_s / s` computed in
+      float32, and the count of finite steps in a row grows by one; when it
+      reaches ``growth_interval`` the scale becomes
+      :math:`\min(s \cdot \text{growth\_factor}, \text{max\_scale})` and the
+      count restarts;
+    * otherwise (an overflow) the step is skipped: the updates are exact zeros,
+      ``inner``'s state is bitwise unchanged (a guard inside sees nothing: an
+      overflow is one skipped step, never a guard give-up), the scale becomes
+      :math:`\max(s \cdot \text{backoff\_factor}, \text{min\_scale})` and the
+      count restarts.
+
+    The scale therefore stays in ``[min_scale, max_scale]`` and is never
+    non-finite (flax's ``DynamicScale`` has no cap and can grow to Inf). With
+    the default powers of two, unscaling is exact. A NaN batch looks like an
+    overflow: it is skipped and halves the scale, down to ``min_scale`` for a
+    long run of them.
+
+    A ``loss=`` extra argument (for a guard's loss check or
+    :func:`~stablejax.optim.overshoot_control`) must be the *scaled* loss, as
+    ``value_and_grad`` of :func:`scale_loss` returns it: it is divided by the
+    scale before ``inner`` sees it.
+
+    Args:
+      inner: the optax transformation to wrap (any chain; ``guard`` and
+        ``stable_adamw`` included).
+      init_scale: the first scale, in ``[min_scale, max_scale]``.
+      growth_interval: finite steps in a row before the scale grows (int >= 1).
+      growth_factor: multiplier on growth (> 1, finite).
+      backoff_factor: multiplier on overflow, in (0, 1).
+      min_scale: lower bound of the scale (> 0, finite).
+      max_scale: upper bound of the scale (finite, >= ``min_scale``).
+      axis_name: a ``shard_map``/``pmap`` axis whose replicas must agree: the
+        finiteness flag is reduced over it, so every replica skips, backs off
+        and grows together.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`LossScaleState`.
+
+    Raises:
+      TypeError: if ``inner`` is not a transformation or a setting not a number.
+      ValueError: for an out-of-range setting, naming it.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from stablejax.optim import dynamic_loss_scale, metrics
+      >>> tx = dynamic_loss_scale(optax.sgd(1.0), init_scale=8.0)
+      >>> state = tx.init(jnp.zeros(2))
+      >>> updates, state = tx.update(jnp.array([jnp.inf, 8.0]), state)
+      >>> updates.tolist(), float(metrics(state)["loss_scale"]), int(metrics(state)["overflows"])
+      ([0.0, 0.0], 4.0, 1)
+      >>> updates, state = tx.update(jnp.array([4.0, 8.0]), state)
+      >>> updates.tolist()
+      [-1.0, -2.0]
+    """
+    if not (hasattr(inner, "init") and hasattr(inner, "update")):
+        raise TypeError(
+            f"{_WHERE}: `inner` must be an optax GradientTransformation, got {inner!r}; "
+            "call the factory first, e.g. optax.adam(1e-3), not optax.adam."
+        )
+    init_scale = _real("init_scale", init_scale)
+    growth_factor = _real("growth_factor", growth_factor)
+    backoff_factor = _real("backoff_factor", backoff_factor)
+    min_scale = _real("min_scale", min_scale)
+    max_scale = _real("max_scale", max_scale)
+    if isinstance(growth_interval, bool) or not isinstance(
+        growth_interval, (numbers.Integral, np.integer)
+    ):
+        if not (isinstance(growth_interval, jax.Array) and growth_interval.shape == ()
+                and jnp.issubdtype(growth_interval.dtype, jnp.integer)):
+            raise TypeError(
+                f"{_WHERE}: `growth_interval` must be an int, got {growth_interval!r} "
+                "(e.g. 2000)."
+            )
+    growth_interval = int(growth_interval)
+    _check("growth_interval", growth_interval, growth_interval >= 1, "must be >= 1 (e.g. 2000).")
+    fin = math.isfinite
+    _check("min_scale", min_scale, fin(min_scale) and min_scale > 0,
+           "must be finite and > 0 (e.g. 1.0).")
+    _check("max_scale", max_scale, fin(max_scale) and max_scale >= min_scale,
+           f"must be finite and >= min_scale={min_scale!r} (e.g. {max(2.0**24, min_scale)!r}).")
+    _check("max_scale", max_scale, max_scale < float(np.finfo(np.float32).max),
+           "must be below float32's largest value (e.g. 16777216.0).")
+    _check("init_scale", init_scale, min_scale <= init_scale <= max_scale,
+           f"must be in [min_scale, max_scale] = [{min_scale!r}, {max_scale!r}] "
+           f"(e.g. {min(max(2.0**15, min_scale), max_scale)!r}).")
+    _check("growth_factor", growth_factor, fin(growth_factor) and growth_factor > 1,
+           "must be finite and > 1 (e.g. 2.0).")
+    _check("backoff_factor", backoff_factor, 0 < backoff_factor < 1,
+           "must be in (0, 1) (e.g. 0.5).")
+    if axis_name is not None and not isinstance(axis_name, str):
+        # jax allows tuples of axis names too.
+        if not (isinstance(axis_name, tuple) and all(isinstance(a, str) for a in axis_name)):
+            raise TypeError(
+                f"{_WHERE}: `axis_name` must be a str (the shard_map/pmap axis), a tuple of "
+                f"them, or None; got {axis_name!r}."
+            )
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        i32 = lambda v: jnp.asarray(v, jnp.int32)
+        return LossScaleState(
+            scale=jnp.asarray(init_scale, jnp.float32),
+            good_steps=i32(0),
+            overflows=i32(0),
+            steps=i32(0),
+            inner_state=inner.init(params),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        leaves = jax.tree.leaves(updates)
+        # One float32 sum of |g| per leaf: finite iff every entry is (a NaN or
+        # Inf propagates; finite float16-range values cannot overflow it). The
+        # flag is read off a sqrt, which XLA materialises once, as the guard
+        # does: a flag taken off the raw sum is copied, with its chain of
+        # additions, into every elementwise loop that selects on it.
+        sums = [jnp.sum(jnp.abs(g.astype(jnp.float32))) for g in leaves]
+        total = jnp.sqrt(jnp.sum(jnp.stack(sums))) if sums else jnp.zeros([], jnp.float32)
+        finite = jnp.isfinite(total)
+        if axis_name is not None:
+            finite = lax.pmin(finite.astype(jnp.int32), axis_name) > 0
+        overflow = ~finite
+        scale = jnp.asarray(state.scale, jnp.float32)
+        inv = 1.0 / scale
+        unscaled = jax.tree.map(lambda g: g.astype(jnp.float32) * inv, updates)
+        extra = dict(extra_args)
+        if extra.get("loss") is not None:
+            extra["loss"] = jnp.asarray(extra["loss"], jnp.float32) * inv
+        old_leaves = jax.tree.leaves(state.inner_state)
+
+        def inner_update():
+            return inner.update(unscaled, state.inner_state, params, **extra)
+
+        # Chosen with jnp.where (a refused step's NaN arithmetic is discarded,
+        # never multiplied by 0), each state leaf as soon as inner computes it,
+        # as the guard does: the selects fuse into inner's own loops.
+        new_updates, new_inner = _update_reading_selected_state(
+            inner_update, state.inner_state, lambda i, new: jnp.where(overflow, old_leaves[i], new)
+        )
+        new_updates = jax.tree.map(
+            lambda u: jnp.where(overflow, jnp.zeros_like(u), u), new_updates
+        )
+        good = jnp.where(finite, state.good_steps + 1, 0)
+        grow = good >= growth_interval
+        grown = jnp.minimum(scale * growth_factor, max_scale)
+        backed_off = jnp.maximum(scale * backoff_factor, min_scale)
+        new_scale = jnp.where(finite, jnp.where(grow, grown, scale), backed_off)
+        new_state = LossScaleState(
+            scale=new_scale.astype(jnp.float32),
+            good_steps=jnp.where(grow, 0, good).astype(jnp.int32),
+            overflows=state.overflows + (~finite).astype(jnp.int32),
+            steps=state.steps + 1,
+            inner_state=new_inner,
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _is_state(x: Any) -> bool:
+    return isinstance(x, LossScaleState)
+
+
+def find_loss_scale_state(opt_state: PyTree) -> LossScaleState | None:
+    """The outermost :class:`LossScaleState` inside ``opt_state``, or None.
+
+    Walks the state as a pytree, so it sees through ``optax.chain`` tuples,
+    ``MultiSteps``, ``inject_hyperparams``, guards and user containers.
+    """
+    for node in jax.tree.leaves(opt_state, is_leaf=_is_state):
+        if _is_state(node):
+            return node
+    return None
+
+
+def scale_loss(loss: ArrayLike, opt_state: PyTree) -> Array:
+    """Multiplies ``loss`` by the current loss scale of ``opt_state``, in float32.
+
+    Call it inside the function you differentiate, so the gradients come out
+    scaled; :func:`dynamic_loss_scale` unscales them. The scale is a constant to
+    autodiff (``stop_gradient``).
+
+    Args:
+      loss: the loss (any float dtype; computed in float32 from here on).
+      opt_state: the full optimizer state; the :class:`LossScaleState` may be
+        nested anywhere in it.
+
+    Returns:
+      ``float32(loss) * scale``.
+
+    Raises:
+      ValueError: if ``opt_state`` holds no loss-scale state.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> from stablejax.optim import dynamic_loss_scale, scale_loss
+      >>> state = optax.chain(dynamic_loss_scale(optax.sgd(0.1), init_scale=4.0)).init(0.0)
+      >>> float(scale_loss(jnp.float16(1.5), state))
+      6.0
+    """
+    s = find_loss_scale_state(opt_state)
+    if s is None:
+        raise ValueError(
+            "stablejax.optim.scale_loss: no LossScaleState found in this optimizer state; "
+            "wrap the optimizer with stablejax.optim.dynamic_loss_scale(...) (or use "
+            "stable_adamw(..., loss_scale=True)) before calling init."
+        )
+    scale = lax.stop_gradient(jnp.asarray(s.scale, jnp.float32))
+    return jnp.asarray(loss).astype(jnp.float32) * scale
+
+
+def loss_scale_metrics(opt_state: PyTree) -> dict[str, Array]:
+    """``loss_scale``, ``overflows`` and ``loss_scale_good_steps``, or {} without a scaler."""
+    s = find_loss_scale_state(opt_state)
+    if s is None:
+        return {}
+    return {
+        "loss_scale": jnp.asarray(s.scale),
+        "overflows": jnp.asarray(s.overflows),
+        "loss_scale_good_steps": jnp.asarray(s.good_steps),
+    }
