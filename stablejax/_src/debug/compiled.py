@@ -1,0 +1,304 @@
+"""The compiled pass of ``locate``: one finiteness flag per equation, computed on device.
+
+The walker of :mod:`interpreter` evaluates a program op by op, which on a large
+model costs a compilation per distinct primitive and a host round trip per
+equation. ``locate`` first runs this pass instead:
+
+1. :func:`flatten` inlines every call (``jit``, ``closed_call``, ``remat``,
+   ``custom_jvp_call``, ``custom_vjp_call``) into one list of :class:`Leaf`
+   equations in execution order, each with the site, phase and label the walker
+   would give it. Control flow and mapped bodies (``scan``, ``while``,
+   ``cond``, ``shard_map``, ``pmap``) stay whole: they are *regions*.
+2. :func:`flag_values` evaluates that list once under ``jax.jit`` and returns,
+   per floating output of every leaf, a code ``f`` (0 finite, 1 holds an Inf,
+   2 holds a NaN). One reduction per output; nothing else leaves the device.
+3. :func:`taint_walk` replays the walker's rules on the host from the codes
+   alone: an origin is a leaf whose output is flagged while no input carries a
+   taint; taints flow to outputs; the origins that reach an output are known.
+4. :func:`values_at` compiles the part of the program the chosen leaf depends on
+   (dead-code eliminated) and returns its operands, so only that equation (or
+   region) is evaluated eagerly, with every statistic of the report.
+
+``io_callback`` equations are not run in this pass unless asked: their outputs
+are zeros of the right shape (the report says so).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src import source_info_util
+from jax.extend import core as jcore
+
+from stablejax._src.debug import phase as phase_labels
+from stablejax._src.debug.source import scopes, traceback_frames
+from stablejax._src.debug.values import is_float
+from stablejax._src.jaxpr_bind import bind_equation
+
+CALLBACKS = frozenset({"io_callback"})
+_SKIPPED = frozenset({"debug_callback", "debug_print"})
+
+
+@dataclasses.dataclass
+class Leaf:
+    """One equation of the flattened program with its context.
+
+    ``ins`` holds, per operand, a value id (``int``) or ``("lit", value)``;
+    ``outs`` a value id per output (``None`` for a dropped one).
+    """
+
+    eqn: Any
+    site: Any
+    phase: str
+    label: str
+    in_grad: bool
+    out_flags: tuple[bool, ...]
+    ins: list[Any]
+    outs: list[int | None]
+    producers: list[str | None]
+    region: bool
+
+
+@dataclasses.dataclass
+class Program:
+    """A flattened program: leaves, its constants and where its outputs live."""
+
+    leaves: list[Leaf]
+    n_args: int
+    consts: dict[int, Any]  # value id -> host/device value of a constant
+    const_taint: dict[int, Any]  # value id -> taint decided by the walker's rule
+    outputs: list[Any]  # value id or ("lit", value)
+    scoped: bool
+    n_ids: int
+    callbacks: int = 0  # io_callback equations in the program
+
+
+def _sub_jaxpr(obj: Any) -> tuple[Any, Sequence[Any]]:
+    if hasattr(obj, "consts") and hasattr(obj, "jaxpr"):
+        return obj.jaxpr, obj.consts
+    return obj, ()
+
+
+def _any_scoped(jaxpr: Any, seen: set[int]) -> bool:
+    if id(jaxpr) in seen:
+        return False
+    seen.add(id(jaxpr))
+    for eqn in jaxpr.eqns:
+        if eqn.source_info.name_stack.stack and scopes(eqn.source_info.name_stack):
+            return True
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
+                if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+                    inner, _ = _sub_jaxpr(sub)
+                    if hasattr(inner, "eqns") and _any_scoped(inner, seen):
+                        return True
+    return False
+
+
+def flatten(walker: Any, closed: Any, call_params: dict[str, str], site0: Any) -> Program:
+    """Inlines every call of ``closed`` into a list of leaves, in execution order."""
+    leaves: list[Leaf] = []
+    consts: dict[int, Any] = {}
+    const_taint: dict[int, Any] = {}
+    producer: dict[int, str] = {}
+    counter = [len(closed.jaxpr.invars)]
+    n_callbacks = [0]
+
+    def new_id() -> int:
+        counter[0] += 1
+        return counter[0] - 1
+
+    def run(jaxpr, sub_consts, in_ids, in_grads, site, out_fwd):
+        env: dict[Any, Any] = {}
+        grad: dict[Any, bool] = {}
+        for v, val in zip(jaxpr.constvars, sub_consts):
+            i = new_id()
+            consts[i] = val
+            const_taint[i] = walker.const_taint(v, val)
+            env[v], grad[v] = i, False
+        for v, i, g in zip(jaxpr.invars, in_ids, in_grads):
+            env[v], grad[v] = i, g
+        labels, eqn_flags = walker._labels_for(jaxpr, tuple(out_fwd), site.backward)
+
+        def read(v):
+            return ("lit", v.val) if isinstance(v, jcore.Literal) else env[v]
+
+        for k, eqn in enumerate(jaxpr.eqns):
+            name = eqn.primitive.name
+            if name in _SKIPPED:
+                continue
+            ins = [read(v) for v in eqn.invars]
+            in_grad = any(
+                grad.get(v, False) for v in eqn.invars if not isinstance(v, jcore.Literal)
+            )
+            label = labels[k]
+            tb_frames = traceback_frames(eqn.source_info.traceback)
+            phase = walker._phase(label, in_grad, tb_frames)
+            sub_site = dataclasses.replace(
+                site,
+                name_stack=site.name_stack + eqn.source_info.name_stack,
+                frames=tb_frames + site.frames,
+                backward=site.backward or label == phase_labels.BACKWARD,
+            )
+            out_grad = in_grad or label == phase_labels.BACKWARD
+            outs: list[Any] | None = None
+            key = call_params.get(name)
+            if key is not None and key in eqn.params:
+                sub, sc = _sub_jaxpr(eqn.params[key])
+                if len(sub.invars) == len(ins) and len(sub.constvars) == len(sc):
+                    outs = run(sub, sc, ins, [in_grad] * len(ins), sub_site, eqn_flags[k])
+            if outs is None:
+                outs = [None if isinstance(v, jcore.DropVar) else new_id() for v in eqn.outvars]
+                n_callbacks[0] += name in CALLBACKS
+                leaves.append(
+                    Leaf(
+                        eqn=eqn,
+                        site=sub_site,
+                        phase=phase,
+                        label=label,
+                        in_grad=in_grad,
+                        out_flags=tuple(eqn_flags[k]),
+                        ins=ins,
+                        outs=outs,
+                        producers=[None if isinstance(i, tuple) else producer.get(i) for i in ins],
+                        region=_has_sub_jaxpr(eqn),
+                    )
+                )
+            made_by = eqn.params.get("name") or name
+            for v, o in zip(eqn.outvars, outs):
+                if isinstance(v, jcore.DropVar):
+                    continue
+                env[v], grad[v] = o, out_grad
+                if not isinstance(o, tuple):
+                    producer[o] = made_by
+        return [read(v) for v in jaxpr.outvars]
+
+    n = len(closed.jaxpr.invars)
+    outputs = run(
+        closed.jaxpr,
+        closed.consts,
+        list(range(n)),
+        [False] * n,
+        site0,
+        tuple(True for _ in closed.jaxpr.outvars),
+    )
+    return Program(
+        leaves=leaves,
+        n_args=n,
+        consts=consts,
+        const_taint=const_taint,
+        outputs=outputs,
+        scoped=_any_scoped(closed.jaxpr, set()),
+        n_ids=counter[0],
+        callbacks=n_callbacks[0],
+    )
+
+
+def _has_sub_jaxpr(eqn: Any) -> bool:
+    for p in eqn.params.values():
+        for sub in p if isinstance(p, (tuple, list)) else (p,):
+            if hasattr(sub, "eqns") or (hasattr(sub, "jaxpr") and hasattr(sub, "consts")):
+                return True
+    return False
+
+
+def _bind_leaf(leaf: Leaf, vals: list[Any], run_callbacks: bool) -> list[Any]:
+    eqn = leaf.eqn
+    if eqn.primitive.name in CALLBACKS and not run_callbacks:
+        return [jnp.zeros(v.aval.shape, v.aval.dtype) for v in eqn.outvars]
+    with (
+        source_info_util.user_context(eqn.source_info.traceback, name_stack=leaf.site.name_stack),
+        eqn.ctx.manager,
+    ):
+        return bind_equation(eqn, vals)
+
+
+def _last_uses(prog: Program, upto: int) -> dict[int, int]:
+    last: dict[int, int] = {}
+    for k, leaf in enumerate(prog.leaves[:upto]):
+        for i in leaf.ins:
+            if not isinstance(i, tuple):
+                last[i] = k
+    return last
+
+
+def _code(x: Any) -> Any:
+    x = jnp.asarray(x)
+    return jnp.max(
+        jnp.where(jnp.isnan(x), jnp.int8(2), jnp.where(jnp.isinf(x), jnp.int8(1), jnp.int8(0)))
+    )
+
+
+def _flag_slots(prog: Program) -> list[tuple[int, int]]:
+    """(leaf index, output position) of every floating output that gets a code."""
+    return [
+        (k, j)
+        for k, leaf in enumerate(prog.leaves)
+        for j, (v, o) in enumerate(zip(leaf.eqn.outvars, leaf.outs))
+        if o is not None and is_float(v.aval) and np.prod(v.aval.shape, dtype=int) > 0
+    ]
+
+
+def flag_values(
+    prog: Program, args: Sequence[Any], run_callbacks: bool
+) -> dict[tuple[int, int], int]:
+    """Runs the flattened program once, compiled; returns the code of each floating output."""
+    slots = _flag_slots(prog)
+    wanted = set(slots)
+    const_ids = sorted(prog.consts)
+
+    def body(arg_vals, const_vals):
+        env: dict[int, Any] = dict(enumerate(arg_vals))
+        env.update(zip(const_ids, const_vals))
+        last = _last_uses(prog, len(prog.leaves))
+        codes = []
+        for k, leaf in enumerate(prog.leaves):
+            vals = [i[1] if isinstance(i, tuple) else env[i] for i in leaf.ins]
+            outs = _bind_leaf(leaf, vals, run_callbacks)
+            for j, (o, val) in enumerate(zip(leaf.outs, outs)):
+                if o is None:
+                    continue
+                env[o] = val
+                if (k, j) in wanted:
+                    codes.append(_code(val))
+            for i in leaf.ins:
+                if not isinstance(i, tuple) and last.get(i) == k and i >= prog.n_args:
+                    env.pop(i, None)
+        return jnp.stack(codes) if codes else jnp.zeros((0,), jnp.int8)
+
+    codes = np.asarray(jax.jit(body)(list(args), [prog.consts[i] for i in const_ids]))
+    return {s: int(c) for s, c in zip(slots, codes)}
+
+
+def values_at(prog: Program, args: Sequence[Any], target: int, run_callbacks: bool) -> list[Any]:
+    """The operand values of leaf ``target``, from a compiled, dead-code-eliminated prefix."""
+    need = {i for i in prog.leaves[target].ins if not isinstance(i, tuple)}
+    keep: list[int] = []
+    for k in range(target - 1, -1, -1):
+        leaf = prog.leaves[k]
+        if any(o in need for o in leaf.outs if o is not None):
+            keep.append(k)
+            need.update(i for i in leaf.ins if not isinstance(i, tuple))
+    keep.reverse()
+    const_ids = sorted(i for i in need if i in prog.consts)
+    arg_ids = sorted(i for i in need if i < prog.n_args)
+    wanted = [i for i in prog.leaves[target].ins if not isinstance(i, tuple)]
+
+    def body(arg_vals, const_vals):
+        env: dict[int, Any] = dict(zip(arg_ids, arg_vals))
+        env.update(zip(const_ids, const_vals))
+        for k in keep:
+            leaf = prog.leaves[k]
+            vals = [i[1] if isinstance(i, tuple) else env[i] for i in leaf.ins]
+            for o, val in zip(leaf.outs, _bind_leaf(leaf, vals, run_callbacks)):
+                if o is not None:
+                    env[o] = val
+        return [env[i] for i in wanted]
+
+    got = iter(jax.jit(body)([args[i] for i in arg_ids], [prog.consts[i] for i in const_ids]))
+    return [i[1] if isinstance(i, tuple) else next(got) for i in prog.leaves[target].ins]
