@@ -41,6 +41,9 @@ from stablejax._src.debug.values import is_float
 from stablejax._src.jaxpr_bind import bind_equation
 
 CALLBACKS = frozenset({"io_callback"})
+BLOCK = 32  # leaves per flagged block
+# Primitives whose sub-jaxpr is a scalar combiner, not a body the walker enters.
+_BODY_OPS = ("scatter", "reduce", "select_and_", "sort", "argsort", "cumsum", "cumprod")
 _SKIPPED = frozenset({"debug_callback", "debug_print"})
 
 
@@ -166,7 +169,7 @@ def flatten(walker: Any, closed: Any, call_params: dict[str, str], site0: Any) -
                         ins=ins,
                         outs=outs,
                         producers=[None if isinstance(i, tuple) else producer.get(i) for i in ins],
-                        region=_has_sub_jaxpr(eqn),
+                        region=_has_sub_jaxpr(eqn) and not name.startswith(_BODY_OPS),
                     )
                 )
             made_by = eqn.params.get("name") or name
@@ -228,58 +231,81 @@ def _last_uses(prog: Program, upto: int) -> dict[int, int]:
 
 
 def _code(x: Any) -> Any:
+    # max |x| is NaN when x holds a NaN, Inf when it holds an Inf (and no NaN).
     x = jnp.asarray(x)
-    return jnp.max(
-        jnp.where(jnp.isnan(x), jnp.int8(2), jnp.where(jnp.isinf(x), jnp.int8(1), jnp.int8(0)))
-    )
+    return jnp.max(jnp.abs(x)).astype(jnp.float32) if x.size else jnp.float32(0)
 
 
-def _flag_slots(prog: Program) -> list[tuple[int, int]]:
-    """(leaf index, output position) of every floating output that gets a code."""
-    return [
-        (k, j)
-        for k, leaf in enumerate(prog.leaves)
-        for j, (v, o) in enumerate(zip(leaf.eqn.outvars, leaf.outs))
-        if o is not None and is_float(v.aval) and np.prod(v.aval.shape, dtype=int) > 0
-    ]
+def blocks(prog: Program, size: int = BLOCK) -> list[range]:
+    """Consecutive runs of at most ``size`` leaves: the unit the compiled pass flags."""
+    n = len(prog.leaves)
+    return [range(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def escaping(prog: Program, spans: Sequence[range]) -> list[list[int]]:
+    """Per block, the floating values it makes that are read after it or are outputs."""
+    owner: dict[int, int] = {}
+    is_float_id: dict[int, bool] = {}
+    for b, span in enumerate(spans):
+        for k in span:
+            for v, o in zip(prog.leaves[k].eqn.outvars, prog.leaves[k].outs):
+                if o is not None:
+                    owner[o] = b
+                    is_float_id[o] = is_float(v.aval) and bool(np.prod(v.aval.shape, dtype=int))
+    out: list[set[int]] = [set() for _ in spans]
+    for b, span in enumerate(spans):
+        for k in span:
+            for i in prog.leaves[k].ins:
+                if not isinstance(i, tuple) and owner.get(i, b) < b and is_float_id[i]:
+                    out[owner[i]].add(i)
+    for i in prog.outputs:
+        if not isinstance(i, tuple) and i in owner and is_float_id[i]:
+            out[owner[i]].add(i)
+    return [sorted(e) for e in out]
 
 
 def flag_values(
-    prog: Program, args: Sequence[Any], run_callbacks: bool
-) -> dict[tuple[int, int], int]:
-    """Runs the flattened program once, compiled; returns the code of each floating output."""
-    slots = _flag_slots(prog)
-    wanted = set(slots)
+    prog: Program, args: Sequence[Any], run_callbacks: bool, ids: Sequence[int]
+) -> dict[int, int]:
+    """Runs the flattened program once, compiled; the code of each value of ``ids``.
+
+    The code is 0 (finite), 1 (holds an Inf) or 2 (holds a NaN). Only the values
+    a block passes on are flagged: what XLA materializes anyway, so fusion inside
+    a block is kept.
+    """
+    wanted = set(ids)
     const_ids = sorted(prog.consts)
 
     def body(arg_vals, const_vals):
         env: dict[int, Any] = dict(enumerate(arg_vals))
         env.update(zip(const_ids, const_vals))
         last = _last_uses(prog, len(prog.leaves))
-        codes = []
+        codes: dict[int, Any] = {}
         for k, leaf in enumerate(prog.leaves):
             vals = [i[1] if isinstance(i, tuple) else env[i] for i in leaf.ins]
             outs = _bind_leaf(leaf, vals, run_callbacks)
-            for j, (o, val) in enumerate(zip(leaf.outs, outs)):
+            for o, val in zip(leaf.outs, outs):
                 if o is None:
                     continue
                 env[o] = val
-                if (k, j) in wanted:
-                    codes.append(_code(val))
+                if o in wanted:
+                    codes[o] = _code(val)
             for i in leaf.ins:
                 if not isinstance(i, tuple) and last.get(i) == k and i >= prog.n_args:
                     env.pop(i, None)
-        return jnp.stack(codes) if codes else jnp.zeros((0,), jnp.int8)
+        return jnp.stack([codes[i] for i in ids]) if ids else jnp.zeros((0,), jnp.float32)
 
-    codes = np.asarray(jax.jit(body)(list(args), [prog.consts[i] for i in const_ids]))
-    return {s: int(c) for s, c in zip(slots, codes)}
+    got = np.asarray(jax.jit(body)(list(args), [prog.consts[i] for i in const_ids]))
+    return {i: 2 if np.isnan(c) else int(np.isinf(c)) for i, c in zip(ids, got)}
 
 
-def values_at(prog: Program, args: Sequence[Any], target: int, run_callbacks: bool) -> list[Any]:
-    """The operand values of leaf ``target``, from a compiled, dead-code-eliminated prefix."""
-    need = {i for i in prog.leaves[target].ins if not isinstance(i, tuple)}
+def values_of(
+    prog: Program, args: Sequence[Any], ids: Sequence[int], upto: int, run_callbacks: bool
+) -> dict[int, Any]:
+    """The values ``ids`` (made before leaf ``upto``), from a compiled dead-code-free prefix."""
+    need = set(ids)
     keep: list[int] = []
-    for k in range(target - 1, -1, -1):
+    for k in range(upto - 1, -1, -1):
         leaf = prog.leaves[k]
         if any(o in need for o in leaf.outs if o is not None):
             keep.append(k)
@@ -287,7 +313,7 @@ def values_at(prog: Program, args: Sequence[Any], target: int, run_callbacks: bo
     keep.reverse()
     const_ids = sorted(i for i in need if i in prog.consts)
     arg_ids = sorted(i for i in need if i < prog.n_args)
-    wanted = [i for i in prog.leaves[target].ins if not isinstance(i, tuple)]
+    made = [i for i in ids if i >= prog.n_args and i not in prog.consts]
 
     def body(arg_vals, const_vals):
         env: dict[int, Any] = dict(zip(arg_ids, arg_vals))
@@ -298,7 +324,20 @@ def values_at(prog: Program, args: Sequence[Any], target: int, run_callbacks: bo
             for o, val in zip(leaf.outs, _bind_leaf(leaf, vals, run_callbacks)):
                 if o is not None:
                     env[o] = val
-        return [env[i] for i in wanted]
+        return [env[i] for i in made]
 
-    got = iter(jax.jit(body)([args[i] for i in arg_ids], [prog.consts[i] for i in const_ids]))
-    return [i[1] if isinstance(i, tuple) else next(got) for i in prog.leaves[target].ins]
+    out = (
+        dict(
+            zip(
+                made, jax.jit(body)([args[i] for i in arg_ids], [prog.consts[i] for i in const_ids])
+            )
+        )
+        if made
+        else {}
+    )
+    for i in ids:
+        if i < prog.n_args:
+            out[i] = args[i]
+        elif i in prog.consts:
+            out[i] = prog.consts[i]
+    return out

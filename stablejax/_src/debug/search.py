@@ -30,6 +30,7 @@ from stablejax._src.debug.values import Origin, is_float, nonfinite_kind
 
 FALLBACK = "fallback"
 _KINDS = {0: None, 1: "inf", 2: "nan"}
+_MAX_WALKS = 4  # blocks walked before giving up on the compiled pass
 
 
 @dataclasses.dataclass
@@ -49,12 +50,20 @@ def _lit_taint(val: Any) -> int | None:
 
 def taint_walk(
     prog: compiled.Program,
-    codes: dict[tuple[int, int], int],
+    spans: Sequence[range],
+    esc: Sequence[Sequence[int]],
+    codes: dict[int, int],
     arg_taints: Sequence[int | None],
     arg_kinds: Sequence[str | None],
     n_known: int,
+    intentional: frozenset[int] = frozenset(),
 ) -> tuple[list[Any], list[int], dict[int, int | None]]:
-    """Origins (a known origin's index or ``('leaf', k)``), the reached ones, the taints."""
+    """The walker's rules, block by block, on the codes of the values blocks pass on.
+
+    Returns the origins (a known origin's index, or ``('block', b)`` for one born
+    inside block ``b``), the indices of those whose taint reaches an output, and
+    the taint of every flagged value.
+    """
     taint: dict[int, int | None] = dict(enumerate(arg_taints))
     kind: dict[int, str | None] = dict(enumerate(arg_kinds))
     for i, val in prog.consts.items():
@@ -67,29 +76,62 @@ def taint_walk(
             return _lit_taint(i[1]), (nonfinite_kind(i[1]) if is_float(i[1]) else None)
         return taint.get(i), kind.get(i)
 
-    for k, leaf in enumerate(prog.leaves):
-        out_kinds = [_KINDS[codes.get((k, j), 0)] for j in range(len(leaf.outs))]
-        if not any(out_kinds):
+    for b, span in enumerate(spans):
+        out_kinds = {i: _KINDS[codes.get(i, 0)] for i in esc[b]}
+        if not any(out_kinds.values()):
             continue
-        ins = [read(i) for i in leaf.ins]
+        made = {o for k in span for o in prog.leaves[k].outs if o is not None}
+        ins = [
+            read(i)
+            for k in span
+            for i in prog.leaves[k].ins
+            if isinstance(i, tuple) or i not in made
+        ]
         real = [t for t, _ in ins if t is not None and t != INTENTIONAL]
         if real:
             t = min(real)
-        else:
-            intentional = any(t == INTENTIONAL for t, _ in ins)
-            made_nan = "nan" in out_kinds and not any(
-                t == INTENTIONAL and kd == "nan" for t, kd in ins
-            )
-            if intentional and not made_nan:
-                t = INTENTIONAL
-            else:
-                t = len(cands)
-                cands.append(("leaf", k))
-        for o, kd in zip(leaf.outs, out_kinds):
-            if o is not None and kd:
+        elif b in intentional:  # its walk found only masks written on purpose
+            t = INTENTIONAL
+        else:  # born here, or made from a -inf mask: the block's walk tells
+            t = len(cands)
+            cands.append(("block", b))
+        for o, kd in out_kinds.items():
+            if kd:
                 taint[o], kind[o] = t, kd
     out_t = [read(i)[0] for i in prog.outputs]
     return cands, sorted({t for t in out_t if t is not None and t >= 0}), taint
+
+
+def walk_block(
+    walker: Walker,
+    prog: compiled.Program,
+    span: range,
+    env: dict[int, Any],
+    taint: dict[int, int | None],
+) -> None:
+    """Evaluates the leaves of ``span`` eagerly with the walker (exact taints inside)."""
+    last: dict[int, int] = {}
+    for k in span:
+        for i in prog.leaves[k].ins:
+            if not isinstance(i, tuple):
+                last[i] = k
+    for k in span:
+        leaf = prog.leaves[k]
+        eqn = leaf.eqn
+        invals = [i[1] if isinstance(i, tuple) else env[i] for i in leaf.ins]
+        in_t = [_lit_taint(i[1]) if isinstance(i, tuple) else taint.get(i) for i in leaf.ins]
+        for v, p in zip(eqn.invars, leaf.producers):
+            if p is not None and not isinstance(v, jcore.Literal):
+                walker._producer[v] = p
+        outs, out_t = walker._eqn(
+            eqn, invals, in_t, leaf.site, leaf.phase, leaf.out_flags, leaf.in_grad, leaf.label
+        )
+        for o, val, t in zip(leaf.outs, outs, out_t):
+            if o is not None:
+                env[o], taint[o] = val, t
+        for i in leaf.ins:
+            if not isinstance(i, tuple) and last.get(i) == k:
+                env.pop(i, None)
 
 
 def _remember_static(walker: Walker, jaxpr: Any, site: Any, out_flags, in_grad: bool) -> None:
@@ -149,49 +191,47 @@ def search(
 ) -> Found | None | str:
     """The chosen origin (``Found``), ``None`` when all is finite, or ``FALLBACK``."""
     prog = compiled.flatten(walker, closed, call_params, site0)
-    n_known_all = len(walker.origins)  # arguments, then NaN constants
-    codes = compiled.flag_values(prog, args, walker.run_callbacks)
+    n_known = len(walker.origins)  # arguments, then NaN constants
+    spans = compiled.blocks(prog)
+    esc = compiled.escaping(prog, spans)
+    ids = [i for e in esc for i in e]
+    codes = compiled.flag_values(prog, args, walker.run_callbacks, ids)
     arg_kinds = [nonfinite_kind(a) if is_float(a) else None for a in args]
-    cands, reached, taint = taint_walk(prog, codes, arg_taints, arg_kinds, n_known_all)
     has_regions = any(leaf.region for leaf in prog.leaves)
-    if not cands:
-        return FALLBACK if has_regions else None
-    if not reached and has_regions:
-        return FALLBACK
-    first = cands[reached[0]] if reached else cands[0]
     walker.skipped_callbacks = prog.callbacks if not walker.run_callbacks else 0
-    if not isinstance(first, tuple):  # an argument or a constant came in bad
-        return Found(walker.origins[first], bool(reached), len(cands), prog.scoped, walker)
-    k = first[1]
-    leaf = prog.leaves[k]
-    _remember_upto(walker, prog, k)
-    invals = compiled.values_at(prog, args, k, walker.run_callbacks)
-    base = len(walker.origins)
-    if leaf.region:
-        in_t = [
-            INTENTIONAL
-            if (_lit_taint(i[1]) if isinstance(i, tuple) else taint.get(i)) == INTENTIONAL
-            else None
-            for i in leaf.ins
-        ]
-        _, out_t = walker._eqn(
-            leaf.eqn, invals, in_t, leaf.site, leaf.phase, leaf.out_flags, leaf.in_grad, leaf.label
+    intentional: set[int] = set()
+    for _ in range(_MAX_WALKS):
+        cands, reached, taint = taint_walk(
+            prog, spans, esc, codes, arg_taints, arg_kinds, n_known, frozenset(intentional)
         )
-        inner = sorted(t for t in out_t if t is not None and t >= base)
-        if not inner and len(walker.origins) == base:
+        if not cands:
+            return FALLBACK if has_regions else None
+        if not reached and has_regions:
             return FALLBACK
-        idx = inner[0] if inner else base
+        first = cands[reached[0]] if reached else cands[0]
+        if not isinstance(first, tuple):  # an argument or a constant came in bad
+            return Found(walker.origins[first], bool(reached), len(cands), prog.scoped, walker)
+        span = spans[first[1]]
+        made = {o for k in span for o in prog.leaves[k].outs if o is not None}
+        needed = sorted(
+            {i for k in span for i in prog.leaves[k].ins if not isinstance(i, tuple)} - made
+        )
+        env = compiled.values_of(prog, args, needed, span.start, walker.run_callbacks)
+        block_taint = {i: (INTENTIONAL if taint.get(i) == INTENTIONAL else None) for i in needed}
+        trial = Walker(walker.run_callbacks)
+        trial.origins = list(walker.origins)
+        walk_block(trial, prog, span, dict(env), dict(block_taint))
+        if len(trial.origins) > n_known:
+            break
+        intentional.add(first[1])  # only -inf masks in there: look again
     else:
-        with_vals = walker._bind(leaf.eqn, invals, leaf.site)
-        kinds = [
-            nonfinite_kind(o) if is_float(v.aval) else None
-            for v, o in zip(leaf.eqn.outvars, with_vals)
-        ]
-        if not any(kinds):
-            return FALLBACK
-        idx = walker._new_origin(leaf.eqn, invals, with_vals, kinds, leaf.site, leaf.phase)
-        if idx is None:
-            return FALLBACK
-        walker.origins[idx].extra["producers"] = list(leaf.producers)
+        return FALLBACK
+    del trial
+    base = len(walker.origins)
+    _remember_upto(walker, prog, span.start - 1)
+    walk_block(walker, prog, span, env, block_taint)
+    out_t = {block_taint.get(i) for i in esc[first[1]] if codes.get(i)}
+    inner = sorted(t for t in out_t if t is not None and t >= base)
+    idx = inner[0] if inner else base
     extra = len(walker.origins) - base - 1
     return Found(walker.origins[idx], bool(reached), len(cands) + extra, prog.scoped, walker)
