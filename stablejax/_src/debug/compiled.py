@@ -41,7 +41,8 @@ from stablejax._src.debug.values import is_float
 from stablejax._src.jaxpr_bind import bind_equation
 
 CALLBACKS = frozenset({"io_callback"})
-BLOCK = 32  # leaves per flagged block
+BLOCK = 64  # leaves per flagged block
+SMALL = 600  # up to this many leaves, every value is flagged
 # Primitives whose sub-jaxpr is a scalar combiner, not a body the walker enters.
 _BODY_OPS = ("scatter", "reduce", "select_and_", "sort", "argsort", "cumsum", "cumprod")
 _SKIPPED = frozenset({"debug_callback", "debug_print"})
@@ -236,9 +237,15 @@ def _code(x: Any) -> Any:
     return jnp.max(jnp.abs(x)).astype(jnp.float32) if x.size else jnp.float32(0)
 
 
-def blocks(prog: Program, size: int = BLOCK) -> list[range]:
-    """Consecutive runs of at most ``size`` leaves: the unit the compiled pass flags."""
+def blocks(prog: Program, size: int | None = None) -> list[range]:
+    """Consecutive runs of at most ``size`` leaves: the unit the compiled pass flags.
+
+    By default a program of up to ``SMALL`` leaves flags every value (a NaN masked
+    inside any block is then seen too); a larger one, blocks of ``BLOCK``.
+    """
     n = len(prog.leaves)
+    if size is None:
+        size = 1 if n <= SMALL else BLOCK
     return [range(s, min(s + size, n)) for s in range(0, n, size)]
 
 

@@ -230,6 +230,7 @@ def search(
     base = len(walker.origins)
     _remember_upto(walker, prog, span.start - 1)
     walk_block(walker, prog, span, env, block_taint)
+    walker.skipped_callbacks = prog.callbacks if not walker.run_callbacks else 0
     out_t = {block_taint.get(i) for i in esc[first[1]] if codes.get(i)}
     inner = sorted(t for t in out_t if t is not None and t >= base)
     idx = inner[0] if inner else base
