@@ -218,6 +218,13 @@ def search(
         )
         env = compiled.values_of(prog, args, needed, span.start, walker.run_callbacks)
         block_taint = {i: (INTENTIONAL if taint.get(i) == INTENTIONAL else None) for i in needed}
+        if any(
+            block_taint[i] is None and is_float(env[i]) and nonfinite_kind(env[i]) for i in needed
+        ):
+            # The cut-down program disagrees with the flagged one (XLA fused the
+            # two differently, e.g. a variance exactly 0 in one, tiny in the
+            # other): only the full walk is consistent.
+            return FALLBACK
         trial = Walker(walker.run_callbacks)
         trial.origins = list(walker.origins)
         walk_block(trial, prog, span, dict(env), dict(block_taint))
