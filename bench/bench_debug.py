@@ -11,6 +11,12 @@ Measures, in one process with interleaved repetitions (medians):
 
 Prints a markdown table and writes ``bench/results/debug.json``.
 Run: ``python bench/bench_debug.py [--layers 4 --d 256 --seq 128 --batch 4]``.
+
+``--cold [--cold-reps N]`` measures instead, each in a fresh process (cold
+caches), interleaved, medians: the wall time and the extra peak resident memory
+of (compile + one step) of the plain jitted step, of ``locate`` on it, and of
+``jax_debug_nans`` until it raises, on the NaN step
+(``--out bench/results/debug_cold_<layers>x<d>.json``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 import traceback
 
@@ -82,6 +90,109 @@ def make_step(model, tx):
     return step
 
 
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for row in f:
+            if row.startswith(field + ":"):
+                return int(row.split()[1])
+    return 0
+
+
+def child(a) -> dict:
+    """One cold measurement in a fresh process: wall time and extra peak RSS of one action.
+
+    ``plain``: compile + one step of ``jax.jit(step)`` on the NaN step's inputs;
+    ``locate``: ``locate(jax.jit(step))`` on them; ``debug_nans``: the jitted
+    step under ``jax_debug_nans`` until it raises. The peak is the process's
+    resident-set high-water mark (reset just before the action) minus the
+    resident set before it: what the action added on top of the model, the
+    optimizer state and the batch.
+    """
+    model = Transformer(a.layers, a.d, 4, 512)
+    tx = optax.adamw(1e-3)
+    key = jax.random.key(0)
+    ids = jax.random.randint(key, (a.batch, a.seq), 0, 512)
+    labels = jnp.roll(ids, -1, axis=1)
+    params = jax.jit(model.init)(key, ids)
+    opt_state = jax.jit(tx.init)(params)
+    bad = _nan_params(params, a.layers)
+    jax.block_until_ready((bad, opt_state))
+    step = make_step(model, tx)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    base = _rss_kb("VmRSS")
+    t0 = time.perf_counter()
+    says = None
+    if a.child == "plain":
+        jax.block_until_ready(jax.jit(step)(bad, opt_state, ids, labels))
+    elif a.child == "locate":
+        report = locate(jax.jit(step))(bad, opt_state, ids, labels)
+        says = report.headline if report else None
+    else:
+        jax.config.update("jax_debug_nans", True)
+        try:
+            jax.block_until_ready(jax.jit(step)(bad, opt_state, ids, labels))
+            says = "no error raised"
+        except FloatingPointError as e:
+            says = str(e).splitlines()[0]
+    wall = time.perf_counter() - t0
+    peak = _rss_kb("VmHWM")
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    return {"mode": a.child, "wall_s": wall, "extra_peak_mb": (peak - base) / 1024,
+            "params": int(n_params), "says": says}
+
+
+def _nan_params(params, layers):
+    # Layer 2's query projection collapsed to zero: q / (norm(q) + eps) has a
+    # NaN gradient (the forward pass is finite).
+    bad = jax.tree.map(lambda x: x, params)
+    target = f"Block_{min(2, layers - 1)}"
+    q = bad["params"][target]["q"]
+    bad["params"][target]["q"] = {"kernel": jnp.zeros_like(q["kernel"]),
+                                  "bias": jnp.zeros_like(q["bias"])}
+    return bad
+
+
+def cold(a) -> None:
+    """Fresh-process measurements, interleaved: plain, locate, debug_nans; medians."""
+    modes = ["plain", "locate"] + ([] if a.no_debug_nans else ["debug_nans"])
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for _ in range(a.cold_reps):
+        for m in modes:
+            cmd = [sys.executable, __file__, "--child", m, "--layers", str(a.layers),
+                   "--d", str(a.d), "--seq", str(a.seq), "--batch", str(a.batch)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                 env=dict(os.environ, JAX_PLATFORMS="cpu"))
+            runs[m].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    med = {m: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "extra_peak_mb")}
+           for m, rs in runs.items()}
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "jax": jax.__version__, "config": vars(a), "params": runs["plain"][0]["params"],
+        "median": med, "runs": runs,
+        "locate_time_ratio": med["locate"]["wall_s"] / med["plain"]["wall_s"],
+        "locate_memory_ratio": med["locate"]["extra_peak_mb"] / med["plain"]["extra_peak_mb"],
+        "locate_says": runs["locate"][-1]["says"],
+    }
+    if "debug_nans" in med:
+        result["locate_vs_debug_nans"] = med["locate"]["wall_s"] / med["debug_nans"]["wall_s"]
+        result["debug_nans_says"] = runs["debug_nans"][-1]["says"]
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"{a.layers} layers, d={a.d}, {result['params'] / 1e6:.1f}M params, "
+          f"seq={a.seq}, batch={a.batch}, {a.cold_reps} fresh processes per mode")
+    print("| cold, fresh process | wall s | extra peak RSS MB |")
+    print("|---|---|---|")
+    for m in modes:
+        print(f"| {m} | {med[m]['wall_s']:.2f} | {med[m]['extra_peak_mb']:.0f} |")
+    print(f"locate / plain: time {result['locate_time_ratio']:.2f}x, "
+          f"memory {result['locate_memory_ratio']:.2f}x"
+          + (f"; locate / debug_nans time {result['locate_vs_debug_nans']:.2f}x"
+             if "debug_nans" in med else ""))
+    print("locate says:", result["locate_says"])
+
+
 def timed(fn, *args):
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
@@ -98,7 +209,18 @@ def main() -> None:
     ap.add_argument("--nan-reps", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "debug.json"))
+    ap.add_argument("--cold", action="store_true",
+                    help="fresh-process time and peak memory of plain / locate / debug_nans")
+    ap.add_argument("--cold-reps", type=int, default=1)
+    ap.add_argument("--no-debug-nans", action="store_true")
+    ap.add_argument("--child", choices=["plain", "locate", "debug_nans"], help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(a)))
+        return
+    if a.cold:
+        cold(a)
+        return
 
     model = Transformer(a.layers, a.d, 4, 512)
     tx = optax.adamw(1e-3)
@@ -124,11 +246,7 @@ def main() -> None:
 
     # A step that went NaN: layer 2's query projection collapsed to zero, so
     # q / (norm(q) + eps) has a NaN gradient (the forward pass is finite).
-    bad = jax.tree.map(lambda x: x, params)
-    target = f"Block_{min(2, a.layers - 1)}"
-    q = bad["params"][target]["q"]
-    bad["params"][target]["q"] = {"kernel": jnp.zeros_like(q["kernel"]),
-                                    "bias": jnp.zeros_like(q["bias"])}
+    bad = _nan_params(params, a.layers)
     loc_t, nan_t = [], []
     report = nan_msg = None
     for _ in range(a.nan_reps):

@@ -60,6 +60,7 @@ _CALL_PARAMS = {
     "custom_vjp_call_jaxpr": "fun_jaxpr",
 }
 _SKIPPED = frozenset({"debug_callback", "debug_print"})
+CALLBACKS = frozenset({"io_callback"})  # side effects: not run again unless asked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +94,9 @@ def _printable_params(params: dict[str, Any]) -> dict[str, Any]:
 class Walker:
     """Evaluates a closed jaxpr and records every origin of non-finite values."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_callbacks: bool = False) -> None:
+        self.run_callbacks = run_callbacks
+        self.skipped_callbacks = 0  # io_callback equations whose outputs were not re-evaluated
         self.origins: list[Origin] = []
         self._labels: dict[tuple[int, tuple[bool, ...], bool], Any] = {}
         self._keep: list[Any] = []  # keeps labelled jaxprs alive, so ids stay unique
@@ -103,6 +106,11 @@ class Walker:
         self.scoped = False  # whether any equation ran under a module scope
 
     # -- public ---------------------------------------------------------------
+
+    @staticmethod
+    def root_site() -> _Site:
+        """The context of the outermost jaxpr: empty name stack, no frames, no loop."""
+        return _Site(source_info_util.new_name_stack(), (), False, ())
 
     def run(self, closed: Any, flat_args: Sequence[Any], arg_taints: Sequence[int | None]) -> list:
         """Evaluates ``closed`` on ``flat_args``; returns its outputs.
@@ -132,6 +140,13 @@ class Walker:
         self.origins.append(origin)
         return origin.index
 
+    def const_taint(self, var: Any, val: Any) -> int | None:
+        """The taint of a captured constant: NaN is bad data, only +-inf a mask."""
+        kind = nonfinite_kind(val) if is_float(var.aval) else None
+        if kind == "nan":
+            return self.new_input_origin(None, val)
+        return INTENTIONAL if kind else None
+
     # -- evaluation -------------------------------------------------------------
 
     def _labels_for(self, jaxpr: Any, out_fwd: tuple[bool, ...], backward: bool) -> Any:
@@ -147,14 +162,7 @@ class Walker:
         grad: dict[Any, bool] = {}
         for v, val in zip(jaxpr.constvars, consts):
             env[v] = val
-            kind = nonfinite_kind(val) if is_float(v.aval) else None
-            # A captured constant holding NaN is bad data (e.g. closed-over
-            # params); one holding only +-inf is a mask written on purpose.
-            taint[v] = (
-                self.new_input_origin(None, val)
-                if kind == "nan"
-                else (INTENTIONAL if kind else None)
-            )
+            taint[v] = self.const_taint(v, val)
             grad[v] = False
         for v, val, t, g in zip(jaxpr.invars, args, arg_taints, arg_grad):
             env[v] = val
@@ -174,6 +182,13 @@ class Walker:
                 return None
             return taint.get(v)
 
+        # A value is dropped after its last use: the walk holds what the program would.
+        last_use: dict[Any, int] = {}
+        for i, eqn in enumerate(jaxpr.eqns):
+            for v in eqn.invars:
+                if not isinstance(v, jcore.Literal):
+                    last_use[v] = i
+        keep = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
         for i, eqn in enumerate(jaxpr.eqns):
             invals = [read(v) for v in eqn.invars]
             in_taints = [read_taint(v) for v in eqn.invars]
@@ -202,6 +217,10 @@ class Walker:
                 taint[v] = t
                 grad[v] = out_grad
                 self._producer[v] = eqn.params.get("name") or eqn.primitive.name
+            del invals, outs
+            for v in eqn.invars:
+                if not isinstance(v, jcore.Literal) and last_use.get(v) == i and v not in keep:
+                    env.pop(v, None)
         outs = [read(v) for v in jaxpr.outvars]
         taints = [read_taint(v) for v in jaxpr.outvars]
         grads = [
@@ -265,6 +284,12 @@ class Walker:
             return bind_equation(eqn, invals)
 
     def _leaf(self, eqn, invals, in_taints, site, phase):
+        if eqn.primitive.name in CALLBACKS and not self.run_callbacks:
+            # Not run again (it may write files or count steps): zeros stand in.
+            self.skipped_callbacks += 1
+            return [jnp.zeros(v.aval.shape, v.aval.dtype) for v in eqn.outvars], [
+                None for _ in eqn.outvars
+            ]
         outs = self._bind(eqn, invals, site)
         kinds = [nonfinite_kind(o) if is_float(v.aval) else None for v, o in zip(eqn.outvars, outs)]
         if not any(kinds):

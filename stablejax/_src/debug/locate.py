@@ -11,10 +11,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from stablejax._src.debug import nnx_names
+from stablejax._src.debug import nnx_names, search
 from stablejax._src.debug.diagnose import diagnose
 from stablejax._src.debug.history import History, parse_history
-from stablejax._src.debug.interpreter import INTENTIONAL, Walker
+from stablejax._src.debug.interpreter import _CALL_PARAMS, INTENTIONAL, Walker
 from stablejax._src.debug.report import Report
 from stablejax._src.debug.source import Frame, is_user_file, module_path
 from stablejax._src.debug.values import Origin, is_float, nonfinite_kind
@@ -30,7 +30,10 @@ class LocateTraceError(TypeError):
 
 
 def locate(
-    fn: Callable[..., Any], *, history: Sequence[Any] | None = None
+    fn: Callable[..., Any],
+    *,
+    history: Sequence[Any] | None = None,
+    run_callbacks: bool = False,
 ) -> Callable[..., Report | None]:
     """Finds where the first NaN or Inf of ``fn``'s run is born, says why, suggests a fix.
 
@@ -54,6 +57,10 @@ def locate(
       history: optional recent steps, one entry per step: losses, or dicts with
         ``'loss'`` and/or ``'grad_norm'``. Used to recognise growth and to derive
         the clipping value of a ``grad_explosion`` suggestion.
+      run_callbacks: whether to run ``fn``'s ``io_callback`` equations again
+        (default ``False``: they may write files or count steps; zeros of the
+        right shape stand in for their outputs and ``Report.callbacks_skipped``
+        says how many were not re-evaluated).
 
     Returns:
       A function taking ``fn``'s arguments and returning a :class:`Report`, or
@@ -81,9 +88,14 @@ def locate(
             f"got {type(fn).__name__}: {_short(fn)}."
         )
     hist = parse_history(history)
+    if not isinstance(run_callbacks, (bool, np.bool_)):
+        raise TypeError(
+            f"locate: `run_callbacks` must be True or False; got {_short(run_callbacks)}."
+        )
+    run_cb = bool(run_callbacks)
 
     def located(*args: Any, **kwargs: Any) -> Report | None:
-        return _locate(fn, hist, args, kwargs)
+        return _locate(fn, hist, args, kwargs, run_cb)
 
     located.__name__ = f"locate({getattr(fn, '__name__', type(fn).__name__)})"
     located.__doc__ = f"Runs locate on {_short(fn)}; returns a Report or None."
@@ -141,7 +153,7 @@ def _bad_rows(x: Any, bad: np.ndarray | None = None) -> list[int]:
 
 
 def _locate(
-    fn: Callable[..., Any], hist: History | None, args: tuple, kwargs: dict
+    fn: Callable[..., Any], hist: History | None, args: tuple, kwargs: dict, run_cb: bool
 ) -> Report | None:
     with_path, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs))
     names = _arg_names(fn, len(args))
@@ -165,10 +177,24 @@ def _locate(
         for i, v in zip(dyn, dyn_vals):
             full[i] = v
         a, k = jax.tree_util.tree_unflatten(treedef, full)
-        return fn(*a, **k)
+        out = fn(*a, **k)
+        # In-place updates are outputs too: an NNX step's `optimizer.update(model,
+        # grads)` writes new values into the (copied) model and optimizer.
+        given = {id(v) for v in dyn_vals}
+        updated = [
+            x
+            for x in jax.tree_util.tree_leaves((a, k))
+            if isinstance(x, jax.Array) and id(x) not in given
+        ]
+        return out, updated
 
+    roots: set[str] = set()
     try:
-        with nnx_names.nnx_module_names(), _FRESH_TRACE("stablejax.debug.locate"):
+        with (
+            nnx_names.nnx_module_names(),
+            nnx_names.collect_roots(roots),
+            _FRESH_TRACE("stablejax.debug.locate"),
+        ):
             closed = jax.make_jaxpr(flat_fn)(*[leaves[i] for i in dyn])
     except Exception as e:
         shapes = ", ".join(
@@ -181,7 +207,7 @@ def _locate(
             f"{', ...' if len(dyn) > 6 else ''}): {type(e).__name__}: {e}"
         ) from e
 
-    walker = Walker()
+    walker = Walker(run_callbacks=run_cb)
     taints: list[int | None] = []
     origin_leaf: dict[int, int] = {}
     for j, i in enumerate(dyn):
@@ -195,12 +221,24 @@ def _locate(
             taints.append(t)
         else:
             taints.append(None)
-    walker.run(closed, [leaves[i] for i in dyn], taints)
-    if not walker.origins:
+    flat_args = [leaves[i] for i in dyn]
+    found = search.search(closed, flat_args, taints, walker, Walker.root_site(), _CALL_PARAMS)
+    if found is None:
         return None
-    reaches = bool(walker.reached)
-    origin = walker.origins[walker.reached[0]] if reaches else walker.origins[0]
-    return _report(origin, walker, leaves, dyn, paths, origin_leaf, hist, reaches)
+    if found == search.FALLBACK:  # the compiled flags cannot decide: walk it all
+        walker = Walker(run_callbacks=run_cb)
+        taints = [
+            walker.new_input_origin(j, leaves[i]) if t is not None and t >= 0 else t
+            for j, (i, t) in enumerate(zip(dyn, taints))
+        ]
+        walker.run(closed, flat_args, taints)
+        if not walker.origins:
+            return None
+        reaches = bool(walker.reached)
+        origin = walker.origins[walker.reached[0]] if reaches else walker.origins[0]
+        scoped = walker.scoped or any(o.scopes for o in walker.origins)
+        found = search.Found(origin, reaches, len(walker.origins), scoped, walker)
+    return _report(found, leaves, dyn, paths, origin_leaf, hist, roots)
 
 
 def _only_neg_inf(x: Any) -> bool:
@@ -237,15 +275,15 @@ def _int_input(
 
 
 def _report(
-    origin: Origin,
-    walker: Walker,
+    found: search.Found,
     leaves: list[Any],
     dyn: list[int],
     paths: list[str],
     origin_leaf: dict[int, int],
     hist: History | None,
-    reaches: bool,
+    roots: set[str],
 ) -> Report:
+    origin, reaches = found.origin, found.reaches
     input_path = rows = int_info = None
     if origin.primitive is None and origin.index in origin_leaf:
         leaf_index = origin_leaf[origin.index]
@@ -254,14 +292,14 @@ def _report(
         s = origin.inputs[0]
         input_path = f"<array captured by the function, {s.dtype}{list(s.shape)}>"
     else:
-        found = _int_input(origin, leaves, dyn, paths)
-        if found is not None:
-            input_path, rows, int_info = found
+        bad_int = _int_input(origin, leaves, dyn, paths)
+        if bad_int is not None:
+            input_path, rows, int_info = bad_int
     user = [f for f in origin.frames if is_user_file(f.file)]
     func = user[0].function if user else None
     line_text = linecache.getline(user[0].file, user[0].line) if user else ""
-    module = module_path(origin.scopes, frozenset(nnx_names.ROOT_NAMES))
-    scoped = walker.scoped or any(o.scopes for o in walker.origins)
+    module = module_path(origin.scopes, frozenset(roots))
+    scoped = found.scoped or bool(origin.scopes)
     d = diagnose(
         origin,
         module=module,
@@ -291,7 +329,8 @@ def _report(
         op=origin.forward_op or origin.primitive,
         name_stack=origin.name_stack,
         reaches_output=reaches,
-        origins=len(walker.origins),
+        origins=found.origins,
+        callbacks_skipped=found.walker.skipped_callbacks,
     )
 
 

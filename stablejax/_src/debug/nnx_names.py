@@ -27,7 +27,22 @@ _PATHS: contextvars.ContextVar[dict[int, str] | None] = contextvars.ContextVar(
 _LOCK = threading.RLock()
 _DEPTH = 0
 _SAVED: dict[type, Any] = {}
-ROOT_NAMES: set[str] = set()  # class names used as the root scope, dropped in module paths
+# The class names used as the root scope while tracing, dropped in module paths.
+# Each ``locate`` collects its own (no process-wide set: a linen model named like
+# an NNX class located before keeps its root).
+_ROOTS: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar(
+    "stablejax_nnx_roots", default=None
+)
+
+
+@contextlib.contextmanager
+def collect_roots(roots: set[str]) -> Iterator[None]:
+    """Adds to ``roots`` the NNX root class names used by tracing inside the block."""
+    token = _ROOTS.set(roots)
+    try:
+        yield
+    finally:
+        _ROOTS.reset(token)
 
 
 def _module_paths(root: Any) -> dict[int, str]:
@@ -46,7 +61,9 @@ def _wrap(call: Any) -> Any:
         paths = _PATHS.get()
         if paths is None:
             name = type(self).__name__
-            ROOT_NAMES.add(name)
+            roots = _ROOTS.get()
+            if roots is not None:
+                roots.add(name)
             token = _PATHS.set(_module_paths(self))
             try:
                 with jax.named_scope(name):

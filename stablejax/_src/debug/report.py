@@ -42,6 +42,9 @@ class Report:
       reaches_output: whether the value reaches an output of the function (when
         ``False`` it was masked, e.g. by ``jnp.where``, and nothing else broke).
       origins: how many separate origins the walk saw.
+      callbacks_skipped: how many ``io_callback`` equations were not run again
+        (their outputs were not re-evaluated; zeros stood in). ``locate(fn,
+        run_callbacks=True)`` runs them.
     """
 
     primitive: str | None
@@ -62,6 +65,7 @@ class Report:
     name_stack: str = ""
     reaches_output: bool = True
     origins: int = 1
+    callbacks_skipped: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The report as a JSON-ready dict (plain Python types only)."""
@@ -113,6 +117,11 @@ class Report:
             )
         if not self.reaches_output:
             lines.append("  note: this value is masked before the outputs (e.g. by jnp.where).")
+        if self.callbacks_skipped:
+            lines.append(
+                f"  note: {self.callbacks_skipped} io_callback output(s) were not re-evaluated "
+                "(zeros stood in); locate(fn, run_callbacks=True) runs them."
+            )
         if self.origins > 1:
             lines.append(
                 f"  ({self.origins} separate origins seen; this is the first that matters)"

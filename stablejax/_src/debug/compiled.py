@@ -1,0 +1,350 @@
+"""The compiled pass of ``locate``: one finiteness flag per equation, computed on device.
+
+The walker of :mod:`interpreter` evaluates a program op by op, which on a large
+model costs a compilation per distinct primitive and a host round trip per
+equation. ``locate`` first runs this pass instead:
+
+1. :func:`flatten` inlines every call (``jit``, ``closed_call``, ``remat``,
+   ``custom_jvp_call``, ``custom_vjp_call``) into one list of :class:`Leaf`
+   equations in execution order, each with the site, phase and label the walker
+   would give it. Control flow and mapped bodies (``scan``, ``while``,
+   ``cond``, ``shard_map``, ``pmap``) stay whole: they are *regions*.
+2. :func:`flag_values` evaluates that list once under ``jax.jit`` and returns,
+   per floating output of every leaf, a code ``f`` (0 finite, 1 holds an Inf,
+   2 holds a NaN). One reduction per output; nothing else leaves the device.
+3. :func:`taint_walk` replays the walker's rules on the host from the codes
+   alone: an origin is a leaf whose output is flagged while no input carries a
+   taint; taints flow to outputs; the origins that reach an output are known.
+4. :func:`values_at` compiles the part of the program the chosen leaf depends on
+   (dead-code eliminated) and returns its operands, so only that equation (or
+   region) is evaluated eagerly, with every statistic of the report.
+
+``io_callback`` equations are not run in this pass unless asked: their outputs
+are zeros of the right shape (the report says so).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src import source_info_util
+from jax.extend import core as jcore
+
+from stablejax._src.debug import phase as phase_labels
+from stablejax._src.debug.source import scopes, traceback_frames
+from stablejax._src.debug.values import is_float
+from stablejax._src.jaxpr_bind import bind_equation
+
+CALLBACKS = frozenset({"io_callback"})
+BLOCK = 64  # leaves per flagged block
+SMALL = 600  # up to this many leaves, every value is flagged
+# Primitives whose sub-jaxpr is a scalar combiner, not a body the walker enters.
+_BODY_OPS = ("scatter", "reduce", "select_and_", "sort", "argsort", "cumsum", "cumprod")
+_SKIPPED = frozenset({"debug_callback", "debug_print"})
+
+
+@dataclasses.dataclass
+class Leaf:
+    """One equation of the flattened program with its context.
+
+    ``ins`` holds, per operand, a value id (``int``) or ``("lit", value)``;
+    ``outs`` a value id per output (``None`` for a dropped one).
+    """
+
+    eqn: Any
+    site: Any
+    phase: str
+    label: str
+    in_grad: bool
+    out_flags: tuple[bool, ...]
+    ins: list[Any]
+    outs: list[int | None]
+    producers: list[str | None]
+    region: bool
+
+
+@dataclasses.dataclass
+class Program:
+    """A flattened program: leaves, its constants and where its outputs live."""
+
+    leaves: list[Leaf]
+    n_args: int
+    consts: dict[int, Any]  # value id -> host/device value of a constant
+    const_taint: dict[int, Any]  # value id -> taint decided by the walker's rule
+    outputs: list[Any]  # value id or ("lit", value)
+    scoped: bool
+    n_ids: int
+    callbacks: int = 0  # io_callback equations in the program
+
+
+def _sub_jaxpr(obj: Any) -> tuple[Any, Sequence[Any]]:
+    if hasattr(obj, "consts") and hasattr(obj, "jaxpr"):
+        return obj.jaxpr, obj.consts
+    return obj, ()
+
+
+def _any_scoped(jaxpr: Any, seen: set[int]) -> bool:
+    if id(jaxpr) in seen:
+        return False
+    seen.add(id(jaxpr))
+    for eqn in jaxpr.eqns:
+        if eqn.source_info.name_stack.stack and scopes(eqn.source_info.name_stack):
+            return True
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
+                if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+                    inner, _ = _sub_jaxpr(sub)
+                    if hasattr(inner, "eqns") and _any_scoped(inner, seen):
+                        return True
+    return False
+
+
+def flatten(walker: Any, closed: Any, call_params: dict[str, str], site0: Any) -> Program:
+    """Inlines every call of ``closed`` into a list of leaves, in execution order."""
+    leaves: list[Leaf] = []
+    consts: dict[int, Any] = {}
+    const_taint: dict[int, Any] = {}
+    producer: dict[int, str] = {}
+    counter = [len(closed.jaxpr.invars)]
+    n_callbacks = [0]
+
+    def new_id() -> int:
+        counter[0] += 1
+        return counter[0] - 1
+
+    def run(jaxpr, sub_consts, in_ids, in_grads, site, out_fwd):
+        env: dict[Any, Any] = {}
+        grad: dict[Any, bool] = {}
+        for v, val in zip(jaxpr.constvars, sub_consts):
+            i = new_id()
+            consts[i] = val
+            const_taint[i] = walker.const_taint(v, val)
+            env[v], grad[v] = i, False
+        for v, i, g in zip(jaxpr.invars, in_ids, in_grads):
+            env[v], grad[v] = i, g
+        labels, eqn_flags = walker._labels_for(jaxpr, tuple(out_fwd), site.backward)
+
+        def read(v):
+            return ("lit", v.val) if isinstance(v, jcore.Literal) else env[v]
+
+        for k, eqn in enumerate(jaxpr.eqns):
+            name = eqn.primitive.name
+            if name in _SKIPPED:
+                continue
+            ins = [read(v) for v in eqn.invars]
+            in_grad = any(
+                grad.get(v, False) for v in eqn.invars if not isinstance(v, jcore.Literal)
+            )
+            label = labels[k]
+            tb_frames = traceback_frames(eqn.source_info.traceback)
+            phase = walker._phase(label, in_grad, tb_frames)
+            sub_site = dataclasses.replace(
+                site,
+                name_stack=site.name_stack + eqn.source_info.name_stack,
+                frames=tb_frames + site.frames,
+                backward=site.backward or label == phase_labels.BACKWARD,
+            )
+            out_grad = in_grad or label == phase_labels.BACKWARD
+            outs: list[Any] | None = None
+            key = call_params.get(name)
+            if key is not None and key in eqn.params:
+                sub, sc = _sub_jaxpr(eqn.params[key])
+                if len(sub.invars) == len(ins) and len(sub.constvars) == len(sc):
+                    outs = run(sub, sc, ins, [in_grad] * len(ins), sub_site, eqn_flags[k])
+            if outs is None:
+                outs = [None if isinstance(v, jcore.DropVar) else new_id() for v in eqn.outvars]
+                n_callbacks[0] += name in CALLBACKS
+                leaves.append(
+                    Leaf(
+                        eqn=eqn,
+                        site=sub_site,
+                        phase=phase,
+                        label=label,
+                        in_grad=in_grad,
+                        out_flags=tuple(eqn_flags[k]),
+                        ins=ins,
+                        outs=outs,
+                        producers=[None if isinstance(i, tuple) else producer.get(i) for i in ins],
+                        region=_has_sub_jaxpr(eqn) and not name.startswith(_BODY_OPS),
+                    )
+                )
+            made_by = eqn.params.get("name") or name
+            for v, o in zip(eqn.outvars, outs):
+                if isinstance(v, jcore.DropVar):
+                    continue
+                env[v], grad[v] = o, out_grad
+                if not isinstance(o, tuple):
+                    producer[o] = made_by
+        return [read(v) for v in jaxpr.outvars]
+
+    n = len(closed.jaxpr.invars)
+    outputs = run(
+        closed.jaxpr,
+        closed.consts,
+        list(range(n)),
+        [False] * n,
+        site0,
+        tuple(True for _ in closed.jaxpr.outvars),
+    )
+    return Program(
+        leaves=leaves,
+        n_args=n,
+        consts=consts,
+        const_taint=const_taint,
+        outputs=outputs,
+        scoped=_any_scoped(closed.jaxpr, set()),
+        n_ids=counter[0],
+        callbacks=n_callbacks[0],
+    )
+
+
+def _has_sub_jaxpr(eqn: Any) -> bool:
+    for p in eqn.params.values():
+        for sub in p if isinstance(p, (tuple, list)) else (p,):
+            if hasattr(sub, "eqns") or (hasattr(sub, "jaxpr") and hasattr(sub, "consts")):
+                return True
+    return False
+
+
+def _bind_leaf(leaf: Leaf, vals: list[Any], run_callbacks: bool) -> list[Any]:
+    eqn = leaf.eqn
+    if eqn.primitive.name in CALLBACKS and not run_callbacks:
+        return [jnp.zeros(v.aval.shape, v.aval.dtype) for v in eqn.outvars]
+    with (
+        source_info_util.user_context(eqn.source_info.traceback, name_stack=leaf.site.name_stack),
+        eqn.ctx.manager,
+    ):
+        return bind_equation(eqn, vals)
+
+
+def _last_uses(prog: Program, upto: int) -> dict[int, int]:
+    last: dict[int, int] = {}
+    for k, leaf in enumerate(prog.leaves[:upto]):
+        for i in leaf.ins:
+            if not isinstance(i, tuple):
+                last[i] = k
+    return last
+
+
+def _code(x: Any) -> Any:
+    # max |x| is NaN when x holds a NaN, Inf when it holds an Inf (and no NaN).
+    x = jnp.asarray(x)
+    return jnp.max(jnp.abs(x)).astype(jnp.float32) if x.size else jnp.float32(0)
+
+
+def blocks(prog: Program, size: int | None = None) -> list[range]:
+    """Consecutive runs of at most ``size`` leaves: the unit the compiled pass flags.
+
+    By default a program of up to ``SMALL`` leaves flags every value (a NaN masked
+    inside any block is then seen too); a larger one, blocks of ``BLOCK``.
+    """
+    n = len(prog.leaves)
+    if size is None:
+        size = 1 if n <= SMALL else BLOCK
+    return [range(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def escaping(prog: Program, spans: Sequence[range]) -> list[list[int]]:
+    """Per block, the floating values it makes that are read after it or are outputs."""
+    owner: dict[int, int] = {}
+    is_float_id: dict[int, bool] = {}
+    for b, span in enumerate(spans):
+        for k in span:
+            for v, o in zip(prog.leaves[k].eqn.outvars, prog.leaves[k].outs):
+                if o is not None:
+                    owner[o] = b
+                    is_float_id[o] = is_float(v.aval) and bool(np.prod(v.aval.shape, dtype=int))
+    out: list[set[int]] = [set() for _ in spans]
+    for b, span in enumerate(spans):
+        for k in span:
+            for i in prog.leaves[k].ins:
+                if not isinstance(i, tuple) and owner.get(i, b) < b and is_float_id[i]:
+                    out[owner[i]].add(i)
+    for i in prog.outputs:
+        if not isinstance(i, tuple) and i in owner and is_float_id[i]:
+            out[owner[i]].add(i)
+    return [sorted(e) for e in out]
+
+
+def flag_values(
+    prog: Program, args: Sequence[Any], run_callbacks: bool, ids: Sequence[int]
+) -> dict[int, int]:
+    """Runs the flattened program once, compiled; the code of each value of ``ids``.
+
+    The code is 0 (finite), 1 (holds an Inf) or 2 (holds a NaN). Only the values
+    a block passes on are flagged: what XLA materializes anyway, so fusion inside
+    a block is kept.
+    """
+    wanted = set(ids)
+    const_ids = sorted(prog.consts)
+
+    def body(arg_vals, const_vals):
+        env: dict[int, Any] = dict(enumerate(arg_vals))
+        env.update(zip(const_ids, const_vals))
+        last = _last_uses(prog, len(prog.leaves))
+        codes: dict[int, Any] = {}
+        for k, leaf in enumerate(prog.leaves):
+            vals = [i[1] if isinstance(i, tuple) else env[i] for i in leaf.ins]
+            outs = _bind_leaf(leaf, vals, run_callbacks)
+            for o, val in zip(leaf.outs, outs):
+                if o is None:
+                    continue
+                env[o] = val
+                if o in wanted:
+                    codes[o] = _code(val)
+            for i in leaf.ins:
+                if not isinstance(i, tuple) and last.get(i) == k and i >= prog.n_args:
+                    env.pop(i, None)
+        return jnp.stack([codes[i] for i in ids]) if ids else jnp.zeros((0,), jnp.float32)
+
+    got = np.asarray(jax.jit(body)(list(args), [prog.consts[i] for i in const_ids]))
+    return {i: 2 if np.isnan(c) else int(np.isinf(c)) for i, c in zip(ids, got)}
+
+
+def values_of(
+    prog: Program, args: Sequence[Any], ids: Sequence[int], upto: int, run_callbacks: bool
+) -> dict[int, Any]:
+    """The values ``ids`` (made before leaf ``upto``), from a compiled dead-code-free prefix."""
+    need = set(ids)
+    keep: list[int] = []
+    for k in range(upto - 1, -1, -1):
+        leaf = prog.leaves[k]
+        if any(o in need for o in leaf.outs if o is not None):
+            keep.append(k)
+            need.update(i for i in leaf.ins if not isinstance(i, tuple))
+    keep.reverse()
+    const_ids = sorted(i for i in need if i in prog.consts)
+    arg_ids = sorted(i for i in need if i < prog.n_args)
+    made = [i for i in ids if i >= prog.n_args and i not in prog.consts]
+
+    def body(arg_vals, const_vals):
+        env: dict[int, Any] = dict(zip(arg_ids, arg_vals))
+        env.update(zip(const_ids, const_vals))
+        for k in keep:
+            leaf = prog.leaves[k]
+            vals = [i[1] if isinstance(i, tuple) else env[i] for i in leaf.ins]
+            for o, val in zip(leaf.outs, _bind_leaf(leaf, vals, run_callbacks)):
+                if o is not None:
+                    env[o] = val
+        return [env[i] for i in made]
+
+    out = (
+        dict(
+            zip(
+                made, jax.jit(body)([args[i] for i in arg_ids], [prog.consts[i] for i in const_ids])
+            )
+        )
+        if made
+        else {}
+    )
+    for i in ids:
+        if i < prog.n_args:
+            out[i] = args[i]
+        elif i in prog.consts:
+            out[i] = prog.consts[i]
+    return out

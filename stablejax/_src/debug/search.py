@@ -1,0 +1,245 @@
+"""From the compiled flags to the origin: the walker's rules replayed on the host.
+
+:mod:`compiled` gives a code per floating output of every equation (finite,
+holds an Inf, holds a NaN). :func:`search` replays the taint rules of
+:class:`~stablejax._src.debug.interpreter.Walker` on those codes alone (no
+values): the origins in execution order, the ones whose taint reaches an
+output, and the chosen one, the first that reaches an output (the first of
+all when a mask hid every one). Only then is a value computed: the operands of
+that one equation, or of the region (``scan``, ``while``, ``cond``,
+``shard_map``, ``pmap``) holding it, which the walker then evaluates eagerly.
+
+The answer is :data:`FALLBACK` when the codes cannot decide: no flagged output
+reaches an output while the program has regions (a masked NaN inside a loop
+body leaves no trace outside it), or the region's walk finds nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from jax.extend import core as jcore
+
+from stablejax._src.debug import compiled
+from stablejax._src.debug import phase as phase_labels
+from stablejax._src.debug.interpreter import INTENTIONAL, Walker
+from stablejax._src.debug.source import traceback_frames
+from stablejax._src.debug.values import Origin, is_float, nonfinite_kind
+
+FALLBACK = "fallback"
+_KINDS = {0: None, 1: "inf", 2: "nan"}
+_MAX_WALKS = 4  # blocks walked before giving up on the compiled pass
+
+
+@dataclasses.dataclass
+class Found:
+    """The chosen origin and what the report needs around it."""
+
+    origin: Origin
+    reaches: bool
+    origins: int
+    scoped: bool
+    walker: Walker
+
+
+def _lit_taint(val: Any) -> int | None:
+    return INTENTIONAL if is_float(val) and nonfinite_kind(val) else None
+
+
+def taint_walk(
+    prog: compiled.Program,
+    spans: Sequence[range],
+    esc: Sequence[Sequence[int]],
+    codes: dict[int, int],
+    arg_taints: Sequence[int | None],
+    arg_kinds: Sequence[str | None],
+    n_known: int,
+    intentional: frozenset[int] = frozenset(),
+) -> tuple[list[Any], list[int], dict[int, int | None]]:
+    """The walker's rules, block by block, on the codes of the values blocks pass on.
+
+    Returns the origins (a known origin's index, or ``('block', b)`` for one born
+    inside block ``b``), the indices of those whose taint reaches an output, and
+    the taint of every flagged value.
+    """
+    taint: dict[int, int | None] = dict(enumerate(arg_taints))
+    kind: dict[int, str | None] = dict(enumerate(arg_kinds))
+    for i, val in prog.consts.items():
+        taint[i] = prog.const_taint[i]
+        kind[i] = nonfinite_kind(val) if is_float(val) else None
+    cands: list[Any] = list(range(n_known))
+
+    def read(i):
+        if isinstance(i, tuple):
+            return _lit_taint(i[1]), (nonfinite_kind(i[1]) if is_float(i[1]) else None)
+        return taint.get(i), kind.get(i)
+
+    for b, span in enumerate(spans):
+        out_kinds = {i: _KINDS[codes.get(i, 0)] for i in esc[b]}
+        if not any(out_kinds.values()):
+            continue
+        made = {o for k in span for o in prog.leaves[k].outs if o is not None}
+        ins = [
+            read(i)
+            for k in span
+            for i in prog.leaves[k].ins
+            if isinstance(i, tuple) or i not in made
+        ]
+        real = [t for t, _ in ins if t is not None and t != INTENTIONAL]
+        if real:
+            t = min(real)
+        elif b in intentional:  # its walk found only masks written on purpose
+            t = INTENTIONAL
+        else:  # born here, or made from a -inf mask: the block's walk tells
+            t = len(cands)
+            cands.append(("block", b))
+        for o, kd in out_kinds.items():
+            if kd:
+                taint[o], kind[o] = t, kd
+    out_t = [read(i)[0] for i in prog.outputs]
+    return cands, sorted({t for t in out_t if t is not None and t >= 0}), taint
+
+
+def walk_block(
+    walker: Walker,
+    prog: compiled.Program,
+    span: range,
+    env: dict[int, Any],
+    taint: dict[int, int | None],
+) -> None:
+    """Evaluates the leaves of ``span`` eagerly with the walker (exact taints inside)."""
+    last: dict[int, int] = {}
+    for k in span:
+        for i in prog.leaves[k].ins:
+            if not isinstance(i, tuple):
+                last[i] = k
+    for k in span:
+        leaf = prog.leaves[k]
+        eqn = leaf.eqn
+        invals = [i[1] if isinstance(i, tuple) else env[i] for i in leaf.ins]
+        in_t = [_lit_taint(i[1]) if isinstance(i, tuple) else taint.get(i) for i in leaf.ins]
+        for v, p in zip(eqn.invars, leaf.producers):
+            if p is not None and not isinstance(v, jcore.Literal):
+                walker._producer[v] = p
+        outs, out_t = walker._eqn(
+            eqn, invals, in_t, leaf.site, leaf.phase, leaf.out_flags, leaf.in_grad, leaf.label
+        )
+        for o, val, t in zip(leaf.outs, outs, out_t):
+            if o is not None:
+                env[o], taint[o] = val, t
+        for i in leaf.ins:
+            if not isinstance(i, tuple) and last.get(i) == k:
+                env.pop(i, None)
+
+
+def _remember_static(walker: Walker, jaxpr: Any, site: Any, out_flags, in_grad: bool) -> None:
+    """Records the forward ops of a region's body (static: no values needed)."""
+    labels, eqn_flags = walker._labels_for(jaxpr, tuple(out_flags), site.backward)
+    grad = dict.fromkeys(jaxpr.invars, in_grad)
+    for k, eqn in enumerate(jaxpr.eqns):
+        g = any(grad.get(v, False) for v in eqn.invars if not isinstance(v, jcore.Literal))
+        frames = traceback_frames(eqn.source_info.traceback)
+        phase = walker._phase(labels[k], g, frames)
+        sub = dataclasses.replace(
+            site,
+            name_stack=site.name_stack + eqn.source_info.name_stack,
+            frames=frames + site.frames,
+            backward=site.backward or labels[k] == phase_labels.BACKWARD,
+        )
+        if labels[k] in (phase_labels.FORWARD, phase_labels.FEEDS_BACKWARD) and phase == "forward":
+            walker._remember_forward_op(eqn, sub)
+        _remember_inner(walker, eqn, sub, eqn_flags[k], g)
+        for v in eqn.outvars:
+            grad[v] = g or labels[k] == phase_labels.BACKWARD
+
+
+def _remember_inner(walker: Walker, eqn: Any, site: Any, flags, in_grad: bool) -> None:
+    for key, p in eqn.params.items():
+        for sub in p if isinstance(p, (tuple, list)) else (p,):
+            inner, _ = compiled._sub_jaxpr(sub)
+            if not hasattr(inner, "eqns"):
+                continue
+            n_out = len(inner.outvars)
+            if eqn.primitive.name == "scan":
+                nc = eqn.params["num_carry"]
+                f = (True,) * nc + tuple(flags[nc:])
+            elif len(flags) == n_out and key not in ("cond_jaxpr", "body_jaxpr"):
+                f = tuple(flags)
+            else:
+                f = (True,) * n_out
+            _remember_static(walker, inner, site, f, in_grad)
+
+
+def _remember_upto(walker: Walker, prog: compiled.Program, upto: int) -> None:
+    for leaf in prog.leaves[: upto + 1]:
+        fwd = leaf.label in (phase_labels.FORWARD, phase_labels.FEEDS_BACKWARD)
+        if fwd and leaf.phase == "forward":
+            walker._remember_forward_op(leaf.eqn, leaf.site)
+        if leaf.region:
+            _remember_inner(walker, leaf.eqn, leaf.site, leaf.out_flags, leaf.in_grad)
+
+
+def search(
+    closed: Any,
+    args: Sequence[Any],
+    arg_taints: Sequence[int | None],
+    walker: Walker,
+    site0: Any,
+    call_params: dict[str, str],
+) -> Found | None | str:
+    """The chosen origin (``Found``), ``None`` when all is finite, or ``FALLBACK``."""
+    prog = compiled.flatten(walker, closed, call_params, site0)
+    n_known = len(walker.origins)  # arguments, then NaN constants
+    spans = compiled.blocks(prog)
+    esc = compiled.escaping(prog, spans)
+    ids = [i for e in esc for i in e]
+    codes = compiled.flag_values(prog, args, walker.run_callbacks, ids)
+    arg_kinds = [nonfinite_kind(a) if is_float(a) else None for a in args]
+    has_regions = any(leaf.region for leaf in prog.leaves)
+    walker.skipped_callbacks = prog.callbacks if not walker.run_callbacks else 0
+    intentional: set[int] = set()
+    for _ in range(_MAX_WALKS):
+        cands, reached, taint = taint_walk(
+            prog, spans, esc, codes, arg_taints, arg_kinds, n_known, frozenset(intentional)
+        )
+        if not cands:
+            return FALLBACK if has_regions else None
+        if not reached and has_regions:
+            return FALLBACK
+        first = cands[reached[0]] if reached else cands[0]
+        if not isinstance(first, tuple):  # an argument or a constant came in bad
+            return Found(walker.origins[first], bool(reached), len(cands), prog.scoped, walker)
+        span = spans[first[1]]
+        made = {o for k in span for o in prog.leaves[k].outs if o is not None}
+        needed = sorted(
+            {i for k in span for i in prog.leaves[k].ins if not isinstance(i, tuple)} - made
+        )
+        env = compiled.values_of(prog, args, needed, span.start, walker.run_callbacks)
+        block_taint = {i: (INTENTIONAL if taint.get(i) == INTENTIONAL else None) for i in needed}
+        if any(
+            block_taint[i] is None and is_float(env[i]) and nonfinite_kind(env[i]) for i in needed
+        ):
+            # The cut-down program disagrees with the flagged one (XLA fused the
+            # two differently, e.g. a variance exactly 0 in one, tiny in the
+            # other): only the full walk is consistent.
+            return FALLBACK
+        trial = Walker(walker.run_callbacks)
+        trial.origins = list(walker.origins)
+        walk_block(trial, prog, span, dict(env), dict(block_taint))
+        if len(trial.origins) > n_known:
+            break
+        intentional.add(first[1])  # only -inf masks in there: look again
+    else:
+        return FALLBACK
+    del trial
+    base = len(walker.origins)
+    _remember_upto(walker, prog, span.start - 1)
+    walk_block(walker, prog, span, env, block_taint)
+    walker.skipped_callbacks = prog.callbacks if not walker.run_callbacks else 0
+    out_t = {block_taint.get(i) for i in esc[first[1]] if codes.get(i)}
+    inner = sorted(t for t in out_t if t is not None and t >= base)
+    idx = inner[0] if inner else base
+    extra = len(walker.origins) - base - 1
+    return Found(walker.origins[idx], bool(reached), len(cands) + extra, prog.scoped, walker)

@@ -1,0 +1,220 @@
+"""locate's compiled pass: the full walk's answers, in-place outputs, no side effects."""
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from flax import nnx
+from jax.experimental import io_callback
+
+from stablejax._src.debug import compiled, interpreter, search
+from stablejax.debug import locate
+
+_SRC = open(__file__).read().splitlines()
+_FILE = os.path.relpath(__file__)
+
+
+def line(tag: str) -> str:
+    hits = [i + 1 for i, text in enumerate(_SRC) if text.rstrip().endswith(f"# L:{tag}")]
+    assert len(hits) == 1, tag
+    return f"{_FILE}:{hits[0]}"
+
+
+def _fields(r):
+    return (r.primitive, r.kind, r.phase, r.module, r.source, r.category, r.op, r.reaches_output)
+
+
+@pytest.fixture
+def no_full_walk(monkeypatch):
+    """Fails the test if locate falls back to walking the whole program op by op."""
+
+    def refuse(self, *a, **k):
+        raise AssertionError("locate walked the whole program")
+
+    monkeypatch.setattr(interpreter.Walker, "run", refuse)
+
+
+# ------------------------------------------------- a small transformer, both engines
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.LayerNorm()(x)
+        q = nn.Dense(8, name="q")(h)
+        q = q / (jnp.linalg.norm(q, axis=-1, keepdims=True) + 1e-6)  # L:qknorm
+        att = jax.nn.softmax(jnp.einsum("btd,bsd->bts", q, h) * 4.0, axis=-1)
+        return x + nn.Dense(8)(jnp.einsum("bts,bsd->btd", att, h))
+
+
+class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(2):
+            x = Block()(x)
+        return nn.Dense(2)(x)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tx = Tiny(), optax.adamw(1e-2)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+    params = model.init(jax.random.key(1), x)
+    q = params["params"]["Block_1"]["q"]
+    params["params"]["Block_1"]["q"] = jax.tree.map(jnp.zeros_like, q)
+
+    def step(params, opt_state, x):
+        loss, grads = jax.value_and_grad(lambda p: jnp.mean(model.apply(p, x) ** 2))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(step), (params, tx.init(params), x)
+
+
+def test_compiled_pass_agrees_with_full_walk(tiny, monkeypatch):
+    step, args = tiny
+    fast = locate(step)(*args)
+    assert fast.source == line("qknorm") and fast.module == "Tiny/Block_1", str(fast)
+    assert (fast.primitive, fast.phase, fast.op) == ("div", "backward", "sqrt")
+    monkeypatch.setattr(search, "search", lambda *a, **k: search.FALLBACK)
+    full = locate(step)(*args)
+    assert _fields(fast) == _fields(full)
+    assert [s.to_dict() for s in fast.inputs] == [s.to_dict() for s in full.inputs]
+
+
+def test_compiled_pass_in_blocks_alone(tiny, no_full_walk, monkeypatch):
+    monkeypatch.setattr(compiled, "SMALL", 0)  # flag per block of BLOCK equations
+    monkeypatch.setattr(compiled, "BLOCK", 24)
+    step, args = tiny
+    r = locate(step)(*args)
+    assert (r.primitive, r.module, r.source, r.op) == (
+        "div",
+        "Tiny/Block_1",
+        line("qknorm"),
+        "sqrt",
+    )
+    assert r.phase == "backward" and r.reaches_output
+    healthy = jax.tree.map(lambda a: a + 0.1, args[0])
+    assert locate(step)(healthy, *args[1:]) is None
+
+
+# ------------------------------------------------- in-place updates are outputs
+
+
+class Net(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(3, 1, rngs=rngs)
+        self.w = nnx.Param(jnp.zeros(3))
+
+    def __call__(self, x):
+        # A harmless masked NaN first (0/0 replaced before use) ...
+        ratio = jnp.sum(x, axis=0) / jnp.sum(x * 0.0, axis=0)
+        clean = jnp.where(jnp.isfinite(ratio), ratio, 0.0)
+        # ... then the real bug: sqrt at w == 0 has an infinite gradient.
+        return jnp.mean(self.lin(x)) + jnp.sum(jnp.sqrt(self.w[...])) + 0.0 * clean.sum()  # L:nnx
+
+
+def test_nnx_step_as_users_write_it():
+    model = Net(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, x):
+        loss, grads = nnx.value_and_grad(lambda m: m(x))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    x = jnp.ones((4, 3))
+    before = jax.tree.map(lambda a: a.copy(), nnx.state(model))
+    r = locate(step)(model, optimizer, x)
+    assert r.reaches_output, str(r)
+    assert (r.primitive, r.op, r.phase, r.source) == ("div", "sqrt", "backward", line("nnx"))
+    assert r.origins >= 2  # the masked 0/0 was seen and passed over
+    after = nnx.state(model)
+    assert all(
+        jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))
+    )
+
+
+class StatNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        masked = jnp.where(x > 100.0, jnp.log(-x), 0.0)  # NaN everywhere, never selected
+        spread = self.variable("batch_stats", "spread", jnp.zeros, (3,))
+        spread.value = jnp.std(x, axis=0) / jnp.std(x, axis=0)  # L:stats
+        return jnp.mean(nn.Dense(1)(x)) + masked.sum()
+
+
+def test_linen_mutable_collection_is_an_output():
+    model = StatNet()
+    x = jnp.ones((4, 3))  # constant columns: std is 0, the statistic is 0/0
+    variables = model.init(jax.random.key(0), x)
+
+    @jax.jit
+    def step(variables, x):
+        loss, updates = model.apply(variables, x, mutable=["batch_stats"])
+        return loss, updates["batch_stats"]
+
+    r = locate(step)(variables, x)
+    assert r.reaches_output, str(r)
+    assert (r.primitive, r.source, r.module) == ("div", line("stats"), "StatNet"), str(r)
+
+
+def test_masked_nan_alone_does_not_reach():
+    def fn(x):
+        return jnp.where(x > 0, x, 0.0).sum() + 0.0 * jnp.where(x > 5, jnp.log(x - 10), 0.0).sum()
+
+    r = locate(jax.jit(fn))(jnp.arange(3.0))
+    assert r is not None and not r.reaches_output and r.primitive == "log"
+
+
+# ------------------------------------------------- no side effects, nothing left behind
+
+
+def test_io_callback_not_run_again_unless_asked():
+    calls = []
+
+    def record(x):
+        calls.append(1)
+        return x
+
+    def fn(x):
+        y = io_callback(record, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+        return jnp.log(x - 1.0).sum() + y.sum()
+
+    x = jnp.zeros(3)
+    r = locate(jax.jit(fn))(x)
+    assert calls == [] and r.callbacks_skipped == 1 and r.primitive == "log"
+    assert "not re-evaluated" in str(r)
+    r = locate(jax.jit(fn), run_callbacks=True)(x)
+    assert calls and r.callbacks_skipped == 0 and r.primitive == "log"
+    with pytest.raises(TypeError, match="run_callbacks"):
+        locate(fn, run_callbacks="yes")
+
+
+class Pool(nn.Module):
+    @nn.compact
+    def __call__(self, h):
+        return jnp.std(h, axis=0)
+
+
+def test_no_root_name_leaks_between_calls():
+    class Net(nnx.Module):  # an NNX root class named like the linen model below
+        def __call__(self, x):
+            return jnp.sqrt(x).sum()
+
+    assert locate(jax.grad(Net()))(jnp.zeros(2)).module == "Net"
+
+    class Net(nn.Module):  # noqa: F811 - the point is the same name
+        @nn.compact
+        def __call__(self, x):
+            return Pool()(x).sum()
+
+    net = Net()
+    x = jnp.ones((3, 2))
+    params = net.init(jax.random.key(0), x)
+    r = locate(jax.grad(lambda x: net.apply(params, x)))(x)
+    assert r.module == "Net/Pool_0", str(r)
