@@ -10,10 +10,12 @@ from typing import Any
 
 import jax
 
+from stablejax._src.debug.history import parse_history
 from stablejax._src.debug.locate import locate
 from stablejax._src.debug.report import Report
 from stablejax._src.debug.source import Frame, innermost_user_frame
 
+_TRAP_CONTEXT = jax.make_user_context(None)
 _DISPATCH = ("_run_python_pjit", "_python_pjit_helper", "maybe_recursive_nan_check")
 _MESSAGE = re.compile(r"invalid value \((nan|inf)\) encountered in ([\w.<>]+)")
 
@@ -34,23 +36,45 @@ def _failing_call(err: BaseException) -> tuple[Any, tuple, dict] | None:
     """The outermost ``jax.jit`` call that failed: its function and arguments.
 
     jax's jit dispatch (``pjit._run_python_pjit``) holds the user's function and
-    its arguments as locals when ``jax_debug_nans`` catches the NaN; the frame is
-    on the traceback of the internal error in the exception's context chain
-    (jax filters it out of the user-facing traceback).
+    its arguments as locals when ``jax_debug_nans`` catches the NaN. Those frames
+    sit on the tracebacks of the internal errors in the exception's context
+    chain (jax filters them out of the user-facing traceback), and above them
+    on the stack (``f_back``): the de-optimized re-run raises again from the
+    jitted internals it calls (``jnp.std``'s ``_std``), so the first dispatch
+    frame found is not the user's step. The one nearest the top of the stack is.
     """
+    best: tuple[int, Any] | None = None
     seen: set[int] = set()
+    frames_seen: set[int] = set()
     exc: BaseException | None = err
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         tb: types.TracebackType | None = exc.__traceback__
+        last = None
         while tb is not None:
-            frame = tb.tb_frame
-            if frame.f_code.co_name in _DISPATCH and "fun" in frame.f_locals:
-                loc = frame.f_locals
-                return loc["fun"], tuple(loc.get("args", ())), dict(loc.get("kwargs") or {})
+            last = tb.tb_frame
             tb = tb.tb_next
+        frame = last
+        while frame is not None:
+            if id(frame) not in frames_seen:
+                frames_seen.add(id(frame))
+                if frame.f_code.co_name in _DISPATCH and "fun" in frame.f_locals:
+                    depth = _depth(frame)
+                    if best is None or depth < best[0]:
+                        best = (depth, frame)
+            frame = frame.f_back
         exc = exc.__cause__ or exc.__context__
-    return None
+    if best is None:
+        return None
+    loc = best[1].f_locals
+    return loc["fun"], tuple(loc.get("args", ())), dict(loc.get("kwargs") or {})
+
+
+def _depth(frame: types.FrameType) -> int:
+    depth = 0
+    while frame.f_back is not None:
+        frame, depth = frame.f_back, depth + 1
+    return depth
 
 
 def _fallback_report(err: FloatingPointError) -> Report:
@@ -76,8 +100,7 @@ def _fallback_report(err: FloatingPointError) -> Report:
     )
 
 
-@contextlib.contextmanager
-def nan_trap(*, history: Sequence[Any] | None = None) -> Iterator[None]:
+def nan_trap(*, history: Sequence[Any] | None = None) -> contextlib.AbstractContextManager[None]:
     """Turns on ``jax_debug_nans``/``jax_debug_infs``; their error carries a ``Report``.
 
     Inside the block jax checks every jitted call's outputs and raises
@@ -97,7 +120,11 @@ def nan_trap(*, history: Sequence[Any] | None = None) -> Iterator[None]:
     Args:
       history: passed to ``locate`` (recent losses / grad norms).
 
+    Returns:
+      A context manager.
+
     Raises:
+      TypeError: at the call, if ``history`` is not a list of losses or dicts.
       NonFiniteError: on the first NaN/Inf jax detects inside the block.
 
     Examples:
@@ -112,11 +139,21 @@ def nan_trap(*, history: Sequence[Any] | None = None) -> Iterator[None]:
       >>> report.primitive, report.category
       ('log', 'forward_singularity')
     """
+    parse_history(history)  # a malformed history fails here, not at the first NaN
+    return _trap(history)
+
+
+@contextlib.contextmanager
+def _trap(history: Sequence[Any] | None) -> Iterator[None]:
     nans, infs = jax.config.jax_debug_nans, jax.config.jax_debug_infs
     jax.config.update("jax_debug_nans", True)
     jax.config.update("jax_debug_infs", True)
     try:
-        yield
+        # A value of our own in jax's tracing-cache key: jitted functions compiled
+        # before the block miss their fast call path (which never checks the
+        # flags) and are re-dispatched through the checked Python path.
+        with _TRAP_CONTEXT("stablejax.debug.nan_trap"):
+            yield
     except NonFiniteError:
         raise
     except FloatingPointError as err:
@@ -127,7 +164,7 @@ def nan_trap(*, history: Sequence[Any] | None = None) -> Iterator[None]:
         if call is not None:
             fn, args, kwargs = call
             try:
-                report = locate(getattr(fn, "__wrapped__", fn), history=history)(*args, **kwargs)
+                report = locate(fn, history=history)(*args, **kwargs)
             except Exception:  # the trap must surface jax's error, not ours
                 report = None
         fallback = _fallback_report(err)

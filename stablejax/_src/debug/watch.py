@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import operator
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -81,6 +82,47 @@ def watch(fn: Callable[..., Any]) -> Callable[..., tuple[Any, dict[str, jax.Arra
     return watched
 
 
+def _check_history_size(history_size: Any) -> int:
+    if isinstance(history_size, bool) or not hasattr(history_size, "__index__"):
+        raise TypeError(
+            "watch_loop: `history_size` must be an integer >= 0 (e.g. history_size=100), got "
+            f"{type(history_size).__name__}: {history_size!r:.80}."
+        )
+    size = operator.index(history_size)
+    if size < 0:
+        raise ValueError(
+            f"watch_loop: `history_size` must be >= 0, got {size}; pass e.g. history_size=100 "
+            "(0 keeps no history)."
+        )
+    return size
+
+
+def _check_report_path(path: Any) -> str | os.PathLike[str] | None:
+    """Fails now, not at the first bad step, when the report could not be written there."""
+    if path is None:
+        return None
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            "watch_loop: `report_path` must be a file path or None, got "
+            f"{type(path).__name__}: {path!r:.80}."
+        )
+    full = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(full)
+    fix = "pass a file in an existing writable folder (e.g. report_path='nan_report.json') or None"
+    if os.path.isdir(full):
+        raise ValueError(f"watch_loop: report_path={os.fspath(path)!r} is a directory; {fix}.")
+    if not os.path.isdir(folder):
+        raise ValueError(
+            f"watch_loop: report_path={os.fspath(path)!r}: the folder {folder!r} does not exist; "
+            f"{fix}."
+        )
+    if not os.access(folder, os.W_OK) or (os.path.exists(full) and not os.access(full, os.W_OK)):
+        raise ValueError(
+            f"watch_loop: report_path={os.fspath(path)!r} is not writable; {fix}."
+        )
+    return path
+
+
 def _skipped_total(opt_state: Any) -> int | None:
     """The optim guard's skip counter, or ``None`` when there is no guard."""
     try:
@@ -117,6 +159,15 @@ class watch_loop:  # noqa: N801  (used like a function)
       opt_state: optional ``out -> opt_state``, to watch the guard's skip count.
       stop: raise ``FloatingPointError`` after reporting instead of continuing.
       printer: called with the report text (default ``print``).
+      history_size: how many recent steps of ``metrics`` to keep for ``locate``
+        (an integer >= 0).
+
+    Raises:
+      TypeError: if ``step``, ``metrics``, ``opt_state`` or ``printer`` is not
+        callable, or ``history_size`` is not an integer.
+      ValueError: if ``history_size`` is negative or ``report_path`` cannot be
+        written (a directory, or in a folder that does not exist or is not
+        writable).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -143,6 +194,14 @@ class watch_loop:  # noqa: N801  (used like a function)
     ) -> None:
         if not callable(step):
             raise TypeError(f"watch_loop: `step` must be callable, got {type(step).__name__}.")
+        for name, value in (("metrics", metrics), ("opt_state", opt_state), ("printer", printer)):
+            if value is not None and not callable(value):
+                raise TypeError(
+                    f"watch_loop: `{name}` must be callable or None, got "
+                    f"{type(value).__name__}: {value!r:.80}."
+                )
+        history_size = _check_history_size(history_size)
+        report_path = _check_report_path(report_path)
         self.step = step
         self._watched = jax.jit(watch(step))
         self.report_path = report_path
@@ -165,7 +224,7 @@ class watch_loop:  # noqa: N801  (used like a function)
             entry = {k: float(np.asarray(v)) for k, v in self._metrics(out).items()}
             if entry.get("loss") is not None and not math.isfinite(entry["loss"]):
                 bad.append("loss")
-            self.history = (self.history + [entry])[-self._history_size :]
+            self.history = (self.history + [entry])[max(0, len(self.history) + 1 - self._history_size) :]
         if self._opt_state is not None:
             skipped = _skipped_total(self._opt_state(out))
             if skipped is not None and self._skipped is not None and skipped > self._skipped:
