@@ -38,43 +38,31 @@ def _failing_call(err: BaseException) -> tuple[Any, tuple, dict] | None:
     jax's jit dispatch (``pjit._run_python_pjit``) holds the user's function and
     its arguments as locals when ``jax_debug_nans`` catches the NaN. Those frames
     sit on the tracebacks of the internal errors in the exception's context
-    chain (jax filters them out of the user-facing traceback), and above them
-    on the stack (``f_back``): the de-optimized re-run raises again from the
-    jitted internals it calls (``jnp.std``'s ``_std``), so the first dispatch
-    frame found is not the user's step. The one nearest the top of the stack is.
+    chain (jax filters them out of the user-facing traceback) and above them on
+    the stack (``f_back``). The de-optimized re-run raises again from the jitted
+    internals it calls (``jnp.std``'s ``_std``, an eager ``div``), so the first
+    dispatch frame found is not the user's step: the step's is the outermost
+    one of the first error raised, the last of the chain.
     """
-    best: tuple[int, Any] | None = None
+    found: tuple[Any, tuple, dict] | None = None
     seen: set[int] = set()
-    frames_seen: set[int] = set()
     exc: BaseException | None = err
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         tb: types.TracebackType | None = exc.__traceback__
-        last = None
+        frame = None
         while tb is not None:
-            last = tb.tb_frame
-            tb = tb.tb_next
-        frame = last
+            frame, tb = tb.tb_frame, tb.tb_next
+        outermost = None
         while frame is not None:
-            if id(frame) not in frames_seen:
-                frames_seen.add(id(frame))
-                if frame.f_code.co_name in _DISPATCH and "fun" in frame.f_locals:
-                    depth = _depth(frame)
-                    if best is None or depth < best[0]:
-                        best = (depth, frame)
+            if frame.f_code.co_name in _DISPATCH and "fun" in frame.f_locals:
+                outermost = frame
             frame = frame.f_back
+        if outermost is not None:
+            loc = outermost.f_locals
+            found = loc["fun"], tuple(loc.get("args", ())), dict(loc.get("kwargs") or {})
         exc = exc.__cause__ or exc.__context__
-    if best is None:
-        return None
-    loc = best[1].f_locals
-    return loc["fun"], tuple(loc.get("args", ())), dict(loc.get("kwargs") or {})
-
-
-def _depth(frame: types.FrameType) -> int:
-    depth = 0
-    while frame.f_back is not None:
-        frame, depth = frame.f_back, depth + 1
-    return depth
+    return found
 
 
 def _fallback_report(err: FloatingPointError) -> Report:
@@ -166,6 +154,7 @@ def _trap(history: Sequence[Any] | None) -> Iterator[None]:
             try:
                 report = locate(fn, history=history)(*args, **kwargs)
             except Exception:  # the trap must surface jax's error, not ours
+
                 report = None
         fallback = _fallback_report(err)
         if report is not None and report.source is None:

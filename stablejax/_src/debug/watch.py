@@ -117,9 +117,7 @@ def _check_report_path(path: Any) -> str | os.PathLike[str] | None:
             f"{fix}."
         )
     if not os.access(folder, os.W_OK) or (os.path.exists(full) and not os.access(full, os.W_OK)):
-        raise ValueError(
-            f"watch_loop: report_path={os.fspath(path)!r} is not writable; {fix}."
-        )
+        raise ValueError(f"watch_loop: report_path={os.fspath(path)!r} is not writable; {fix}.")
     return path
 
 
@@ -224,7 +222,8 @@ class watch_loop:  # noqa: N801  (used like a function)
             entry = {k: float(np.asarray(v)) for k, v in self._metrics(out).items()}
             if entry.get("loss") is not None and not math.isfinite(entry["loss"]):
                 bad.append("loss")
-            self.history = (self.history + [entry])[max(0, len(self.history) + 1 - self._history_size) :]
+            keep = max(0, len(self.history) + 1 - self._history_size)
+            self.history = (self.history + [entry])[keep:]
         if self._opt_state is not None:
             skipped = _skipped_total(self._opt_state(out))
             if skipped is not None and self._skipped is not None and skipped > self._skipped:
