@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stablejax._src.debug.locate import locate
+from stablejax._src.debug.module_flags import Flags, ModuleFlagged
 from stablejax._src.debug.report import Report
 
 _GROUP_DEPTH = 3
@@ -54,6 +55,19 @@ def watch(fn: Callable[..., Any]) -> Callable[..., tuple[Any, dict[str, jax.Arra
     cost one extra read of the outputs. Return the gradients (or their global
     norm) from the step to watch them too.
 
+    ``flags`` is a :class:`dict` with two more attributes. ``flags.modules``
+    maps each top-level module and phase (``'Net/Block_2 (forward)'``, a linen
+    scope below the root; ``'encoder (backward)'``, an NNX attribute) to a
+    flag over every value that module handed on: its outputs, the cotangents
+    it passed back, the gradients it made. ``flags.first_bad_module`` names
+    the module and phase of the first of those values, in program order, that
+    is not finite: where the NaN/Inf was born, to a module, with no re-run.
+    Reading it brings one integer to the host; the flags themselves stay on
+    device until read. To compute them ``watch`` traces ``fn`` once per
+    argument signature and re-binds its equations (the same program plus the
+    flags; nested ``jit`` bodies are inlined); NNX objects in the arguments are
+    updated in place as ``fn`` would update them.
+
     Args:
       fn: the function to watch, typically a train step.
 
@@ -70,14 +84,21 @@ def watch(fn: Callable[..., Any]) -> Callable[..., tuple[Any, dict[str, jax.Arra
       >>> out, flags = step(jnp.ones(2), jnp.array([1.0, 0.0]))
       >>> {k: bool(v) for k, v in flags.items()}
       {'[0]': True, '[1]': False}
+      >>> print(flags.first_bad_module)  # no modules in this step
+      None
     """
     if not callable(fn):
         raise TypeError(f"watch: `fn` must be callable, got {type(fn).__name__}: {fn!r:.80}.")
 
+    flagged = ModuleFlagged(fn, finite_flags)
+
     @functools.wraps(fn)
-    def watched(*args: Any, **kwargs: Any) -> tuple[Any, dict[str, jax.Array]]:
+    def watched(*args: Any, **kwargs: Any) -> tuple[Any, Flags]:
+        result = flagged(*args, **kwargs)
+        if result is not None:
+            return result
         out = fn(*args, **kwargs)
-        return out, finite_flags(out)
+        return out, Flags(finite_flags(out))
 
     return watched
 
@@ -213,11 +234,12 @@ class watch_loop:  # noqa: N801  (used like a function)
         self.bad_steps: list[int] = []
         self.steps = 0
         self._skipped: int | None = None
+        self.first_bad_module: str | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out, flags = self._watched(*args, **kwargs)
-        host_flags = {k: bool(v) for k, v in jax.device_get(flags).items()}
-        bad = [k for k, ok in host_flags.items() if not ok]
+        host = jax.device_get(flags)
+        bad = [k for k, ok in host.items() if not bool(ok)]
         if self._metrics is not None:
             entry = {k: float(np.asarray(v)) for k, v in self._metrics(out).items()}
             if entry.get("loss") is not None and not math.isfinite(entry["loss"]):
@@ -231,6 +253,7 @@ class watch_loop:  # noqa: N801  (used like a function)
             self._skipped = skipped if skipped is not None else self._skipped
         if bad:
             self.bad_steps.append(self.steps)
+            self.first_bad_module = getattr(host, "first_bad_module", None)
             if self.report is None:
                 self._locate(args, kwargs, bad)
         self.steps += 1
@@ -242,13 +265,19 @@ class watch_loop:  # noqa: N801  (used like a function)
         self.report = report
         if report is None:
             self._print(
-                f"stablejax.debug.watch_loop: step {self.steps} flagged {bad}, but locate "
-                "found no NaN/Inf when re-evaluating it on the same inputs."
+                f"stablejax.debug.watch_loop: step {self.steps} flagged {bad} (first bad module: "
+                f"{self.first_bad_module}), but locate found no NaN/Inf when re-evaluating it "
+                "on the same inputs."
             )
             return
-        self._print(f"stablejax.debug.watch_loop: step {self.steps} flagged {bad}.\n{report}")
+        first = self.first_bad_module
+        where = f", first bad module {first}" if first else ""
+        self._print(
+            f"stablejax.debug.watch_loop: step {self.steps} flagged {bad}{where}.\n{report}"
+        )
         if self.report_path is not None:
             with open(self.report_path, "w") as f:
-                json.dump({"step": self.steps, "flags": bad, **report.to_dict()}, f, indent=2)
+                record = {"step": self.steps, "flags": bad, "first_bad_module": first}
+                json.dump({**record, **report.to_dict()}, f, indent=2)
         if self.stop:
             raise FloatingPointError(report.headline)
