@@ -43,6 +43,60 @@ def finite_flags(tree: Any) -> dict[str, jax.Array]:
     return {name: functools.reduce(jnp.logical_and, flags) for name, flags in groups.items()}
 
 
+def nonfinite_shards(tree: Any) -> list[dict[str, Any]]:
+    """Where a tree's non-finite values are: one entry per bad shard this process holds.
+
+    For each float leaf that is not all finite, each of its shards addressable
+    from this process (every shard of an unsharded array; the local ones of an
+    array sharded over a multi-process mesh) that holds a NaN/Inf gives
+    ``{'path', 'process', 'device', 'index', 'nonfinite'}``: the leaf's path,
+    ``jax.process_index()``, the device id, the shard's index into the global
+    array (one ``[start, stop)`` per dimension) and its non-finite count. Reads
+    the leaves to the host: call it on a step whose ``watch`` flag is ``False``,
+    not on every step.
+
+    Args:
+      tree: a pytree of arrays, e.g. a train step's outputs.
+
+    Returns:
+      A list of dicts, empty when every value this process holds is finite.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from stablejax.debug import nonfinite_shards
+      >>> [(s['path'], s['nonfinite']) for s in nonfinite_shards({'w': jnp.array([1.0, jnp.nan])})]
+      [("['w']", 1)]
+    """
+    out: list[dict[str, Any]] = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+            continue
+        shards = getattr(leaf, "addressable_shards", None)
+        if shards is None:
+            shards = [None]
+        for shard in shards:
+            data = np.asarray(leaf if shard is None else shard.data)
+            bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+            if not bad:
+                continue
+            index = []
+            shape = np.shape(leaf)
+            for dim, sl in enumerate(shard.index if shard is not None else ()):
+                start, stop, _ = sl.indices(shape[dim])
+                index.append([start, stop])
+            out.append(
+                {
+                    "path": jax.tree_util.keystr(path) or "out",
+                    "process": jax.process_index(),
+                    "device": None if shard is None else int(shard.device.id),
+                    "index": index,
+                    "nonfinite": bad,
+                }
+            )
+    return out
+
+
 def watch(fn: Callable[..., Any]) -> Callable[..., tuple[Any, dict[str, jax.Array]]]:
     """Returns ``fn`` with one more output: finiteness flags of its outputs.
 
@@ -235,6 +289,7 @@ class watch_loop:  # noqa: N801  (used like a function)
         self.steps = 0
         self._skipped: int | None = None
         self.first_bad_module: str | None = None
+        self.bad_shards: list[dict[str, Any]] = []
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out, flags = self._watched(*args, **kwargs)
@@ -254,6 +309,7 @@ class watch_loop:  # noqa: N801  (used like a function)
         if bad:
             self.bad_steps.append(self.steps)
             self.first_bad_module = getattr(host, "first_bad_module", None)
+            self.bad_shards = nonfinite_shards(out)
             if self.report is None:
                 self._locate(args, kwargs, bad)
         self.steps += 1
@@ -277,7 +333,12 @@ class watch_loop:  # noqa: N801  (used like a function)
         )
         if self.report_path is not None:
             with open(self.report_path, "w") as f:
-                record = {"step": self.steps, "flags": bad, "first_bad_module": first}
+                record = {
+                    "step": self.steps,
+                    "flags": bad,
+                    "first_bad_module": first,
+                    "bad_shards": self.bad_shards,
+                }
                 json.dump({**record, **report.to_dict()}, f, indent=2)
         if self.stop:
             raise FloatingPointError(report.headline)
