@@ -176,3 +176,16 @@ def test_watch_names_the_first_bad_module_nnx_and_keeps_in_place_updates():
     assert not jnp.array_equal(model.proj.kernel[...], fresh()[0].proj.kernel[...])
     _, flags = step(model, opt, _X_SILENT)
     assert flags.first_bad_module == "pool (backward)"
+
+
+def test_watch_loop_on_the_nnx_step_updates_in_place_and_reports():
+    model = NnxNet(nnx.Rngs(0))
+    opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    before = jnp.array(model.proj.kernel[...])
+    printed = []
+    run = watch_loop(nnx_step, report_path=None, printer=printed.append)
+    run(model, opt, _X_OK)
+    assert not jnp.array_equal(model.proj.kernel[...], before) and run.bad_steps == []
+    run(model, opt, _X_SILENT)
+    assert run.bad_steps == [1] and run.first_bad_module == "pool (backward)"
+    assert run.report is not None and "pool (backward)" in printed[0]

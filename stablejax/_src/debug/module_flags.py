@@ -238,8 +238,14 @@ class ModuleFlagged:
             return None
         if entry is None:
             entry = self._build(graphdef, treedef, static, dyn_index)
+            try:
+                entry[0].trace(*dyn)  # re-binding needs a jaxpr with array outputs
+            except Exception:  # noqa: BLE001  (the plain path raises the user's own error)
+                entry = (None, {})
             self._cache[key] = entry
         jitted, box = entry
+        if jitted is None:
+            return None
         out, outputs, modules, first = jitted(*dyn)
         if nnx_args:
             # The step's in-place updates of the NNX objects, made on copies under jit.
@@ -277,6 +283,12 @@ class ModuleFlagged:
             modules, first, names = rec.flags(out_leaves)
             box["names"] = names
             out = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), out_leaves)
-            return out, output_flags(out[0] if graphdef is not None else out), modules, first
+            if graphdef is None:
+                return out, output_flags(out), modules, first
+            # NNX: the objects' in-place updates are outputs too.
+            flags = output_flags(out[0])
+            for k, v in output_flags(out[1]).items():
+                flags[f"updated {k}"] = v
+            return out, flags, modules, first
 
         return jax.jit(flat), box

@@ -276,7 +276,8 @@ class watch_loop:  # noqa: N801  (used like a function)
         history_size = _check_history_size(history_size)
         report_path = _check_report_path(report_path)
         self.step = step
-        self._watched = jax.jit(watch(step))
+        # watch jits the step itself (and keeps NNX updates); an outer jax.jit would not.
+        self._watched = watch(step)
         self.report_path = report_path
         self._metrics = metrics
         self._opt_state = opt_state
@@ -295,6 +296,8 @@ class watch_loop:  # noqa: N801  (used like a function)
         out, flags = self._watched(*args, **kwargs)
         host = jax.device_get(flags)
         bad = [k for k, ok in host.items() if not bool(ok)]
+        if not bad and not all(bool(ok) for ok in getattr(host, "modules", {}).values()):
+            bad.append("module flags")
         if self._metrics is not None:
             entry = {k: float(np.asarray(v)) for k, v in self._metrics(out).items()}
             if entry.get("loss") is not None and not math.isfinite(entry["loss"]):
