@@ -14,7 +14,9 @@ It also checks on a NaN step (Block_2's query projection zeroed, a backward
 0/0) that ``flags.first_bad_module`` names that block.
 
 Ratios: of the medians, and the median of per-repetition ratios (each
-repetition's time against the plain step's in the same repetition).
+repetition's time against the plain step's in the same repetition); and,
+independent of the machine's load, the flops and bytes accessed of XLA's cost
+model of each compiled step against the plain step's.
 Writes ``bench/results/watch.json``.
 Run: ``python bench/bench_watch.py [--layers 4 --d 256 --seq 128 --batch 4 --reps 21]``.
 """
@@ -68,6 +70,13 @@ def main() -> None:
         "output flags only": jax.jit(outputs_only),
     }
     compile_s = {k: timed(fn, params, opt_state, ids, labels) for k, fn in variants.items()}
+    # Load-independent: XLA's own cost model of each compiled step.
+    cost = {}
+    for k, fn in variants.items():
+        c = fn.lower(params, opt_state, ids, labels).compile().cost_analysis()
+        c = c[0] if isinstance(c, (list, tuple)) else c
+        cost[k] = {"flops": float(c.get("flops", 0.0)),
+                   "bytes accessed": float(c.get("bytes accessed", 0.0))}
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(a.reps):
         for k, fn in variants.items():
@@ -93,6 +102,10 @@ def main() -> None:
             k: statistics.median(t / p for t, p in zip(v, times["plain"])) for k, v in times.items()
         },
         "compile_s": compile_s,
+        "xla_cost": cost,
+        "xla_cost_ratio": {
+            k: {m: v[m] / cost["plain"][m] for m in v if cost["plain"][m]} for k, v in cost.items()
+        },
         "module_flags": len(flags.modules),
         "boundary_values": len(flags.boundary_names),
         "first_bad_module_nan_step": flags.first_bad_module,
@@ -108,6 +121,10 @@ def main() -> None:
     for k in variants:
         print(f"| {k} | {1e3 * med[k]:.1f} | {med[k] / med['plain']:.3f}x | "
               f"{result['paired_ratio'][k]:.3f}x | {compile_s[k]:.1f} |")
+    for k in variants:
+        r = result["xla_cost_ratio"][k]
+        print(f"XLA cost model, {k}: flops {r.get('flops', 0):.4f}x, "
+              f"bytes accessed {r.get('bytes accessed', 0):.4f}x of plain")
     print(f"\n{result['boundary_values']} boundary values in {result['module_flags']} module "
           f"flags; NaN step: first bad module {flags.first_bad_module}; healthy step: "
           f"{healthy.first_bad_module}")

@@ -123,11 +123,16 @@ class _Recorder:
         # id(value) -> (order, module, "module (phase)", value)
         self.made: dict[int, tuple[int, str, str, Any]] = {}
         self.boundary: dict[int, tuple[int, str, str, Any]] = {}
+        self.to_module: set[int] = set()  # boundary values read by another module
         self.order = 0
 
     def _read(self, value: Any, module: str | None) -> None:
         rec = self.made.get(id(value))
-        if rec is not None and rec[1] != module and id(value) not in self.boundary:
+        if rec is None or rec[1] == module:
+            return
+        if module != NO_MODULE:
+            self.to_module.add(id(value))
+        if id(value) not in self.boundary:
             self.boundary[id(value)] = rec
 
     def eval(self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], prefix: Any) -> list:
@@ -167,8 +172,19 @@ class _Recorder:
     def flags(self, outs: Sequence[Any]) -> tuple[dict[str, jax.Array], jax.Array, tuple[str, ...]]:
         for x in outs:  # a returned value made by a module (its gradients, say)
             self._read(x, NO_MODULE)
+        recs = [(k, r) for k, r in self.boundary.items() if _is_float(r[3])]
+        # A backward group's gradients (read only by the optimizer or returned) are
+        # checked only when the group passes no cotangent on: the cotangents
+        # already say where the NaN is, and the gradients are the big values.
+        # (The outputs' own flags cover the updated parameters.)
+        passes_on = {r[2] for k, r in recs if k in self.to_module}
         recs = sorted(
-            (r for r in self.boundary.values() if _is_float(r[3])), key=lambda r: r[0]
+            (
+                r
+                for k, r in recs
+                if k in self.to_module or not r[2].endswith("(backward)") or r[2] not in passes_on
+            ),
+            key=lambda r: r[0],
         )
         if not recs:
             return {}, jnp.int32(-1), ()
