@@ -178,8 +178,7 @@ def test_locate_names_the_cause(name):
 
 @pytest.mark.parametrize(
     "name",
-    ["derivative_in_fn_named_loss", "log_of_parameter_out_of_domain", "bf16_one_minus_sigmoid",
-     "f16_adam_eps_underflow", "std_pool_in_module"],
+    ["derivative_in_fn_named_loss", "bf16_one_minus_sigmoid", "std_pool_in_module"],
 )
 def test_nan_trap_agrees_with_locate(name):
     fn, args, want, history = ZOO[name]

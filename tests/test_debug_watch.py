@@ -160,7 +160,7 @@ def nnx_step(model, optimizer, x):
     return loss
 
 
-def test_watch_names_the_first_bad_module_nnx_and_keeps_in_place_updates():
+def test_watch_and_watch_loop_on_the_nnx_step():
     def fresh():
         model = NnxNet(nnx.Rngs(0))
         return model, nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
@@ -176,11 +176,10 @@ def test_watch_names_the_first_bad_module_nnx_and_keeps_in_place_updates():
     assert not jnp.array_equal(model.proj.kernel[...], fresh()[0].proj.kernel[...])
     _, flags = step(model, opt, _X_SILENT)
     assert flags.first_bad_module == "pool (backward)"
+    assert not bool(flags["updated [0][0]['proj']"])  # the in-place update is flagged
 
-
-def test_watch_loop_on_the_nnx_step_updates_in_place_and_reports():
-    model = NnxNet(nnx.Rngs(0))
-    opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    # watch_loop on the same step: updates in place, reports the module.
+    model, opt = fresh()
     before = jnp.array(model.proj.kernel[...])
     printed = []
     run = watch_loop(nnx_step, report_path=None, printer=printed.append)
