@@ -15,6 +15,7 @@ from stablejax._src.debug.report import Report as Report
 from stablejax._src.debug.trap import NonFiniteError as NonFiniteError
 from stablejax._src.debug.trap import nan_trap as nan_trap
 from stablejax._src.debug.watch import finite_flags as finite_flags
+from stablejax._src.debug.watch import nonfinite_shards as nonfinite_shards
 from stablejax._src.debug.watch import watch as watch
 from stablejax._src.debug.watch import watch_loop as watch_loop
 
@@ -26,6 +27,7 @@ __all__ = [
     "locate",
     "nan_trap",
     "nnx_module_names",
+    "nonfinite_shards",
     "watch",
     "watch_loop",
 ]

@@ -64,17 +64,78 @@ class Diagnosis:
     suggestion: str
 
 
-def in_loss(origin: Origin, module: str | None, model_scopes_seen: bool, func: str | None) -> bool:
-    """Whether the culprit sits in the loss rather than in a model layer."""
+def in_loss(
+    origin: Origin,
+    module: str | None,
+    model_scopes_seen: bool,
+    func: str | None,
+    context: str = "",
+) -> bool:
+    """Whether the culprit sits in the loss rather than in a model layer.
+
+    Code outside every module of a model that has modules is the loss. Without
+    modules, a function named like a loss (``loss``, ``mae``, ``nll``, ...) often
+    holds the whole model too: there the culprit is the loss's only when the
+    construct at the line is one a loss is made of (see :func:`_loss_construct`).
+    """
     if origin.phase == "update":
         return False
     if any(part in f.file for f in origin.frames[:16] for part in _LOSS_FILES):
         return True
-    if module is not None:
-        return bool(func and _LOSS_NAME.search(func))
-    if model_scopes_seen:
+    if module is None and model_scopes_seen:
         return True
-    return bool(func and _LOSS_NAME.search(func))
+    named = bool(func and _LOSS_NAME.search(func))
+    return named and _loss_construct(origin.forward_op or origin.primitive, origin, context)
+
+
+def _loss_construct(op: str | None, origin: Origin, context: str) -> bool:
+    """Whether the op at the culprit line is a loss's own: log of a probability,
+    the sqrt of a square (MAE/RMSE), a division by a count or a sum of weights.
+
+    A log or sqrt of a value that came straight in (a parameter out of its
+    domain) or of a model's activations is not.
+    """
+    text = context.replace(" ", "")
+    if op in _LOG_OPS:
+        if _producer(origin, 0) is None and "sigmoid" not in text and "softmax" not in text:
+            return False
+        return bool(re.search(r"sigmoid|softmax|logistic|prob|exp|gather|1-|p\b", text))
+    if op in _ROOT_OPS:
+        return bool(re.search(r"\*\*2|square|abs\(|integer_pow|\(pred|-y\)|err", text))
+    if op == "div":
+        return bool(re.search(r"sum\(|mean\(|count|size|len\(|\.shape|reduce_sum", text))
+    return True
+
+
+def _producer(origin: Origin, i: int) -> str | None:
+    producers = origin.extra.get("producers") or []
+    return producers[i] if i < len(producers) else None
+
+
+# Ops that round: an exact 0 they make in float16/bfloat16 is often a value float32 holds.
+_ROUNDING_OPS = frozenset(
+    {"sub", "add", "add_any", "logistic", "exp", "exp2", "mul", "div", "convert_element_type",
+     "integer_pow", "square", "dot_general", "reduce_sum", "tanh", "erf", "log_softmax"}
+)
+
+
+def _rounded_to_zero(origin: Origin, dtype: str | None) -> bool:
+    """A singular op in float16/bfloat16 whose 0 operand was made by an op that rounds.
+
+    ``log(1 - sigmoid(x))`` in bfloat16 at x = 8 (``sigmoid`` rounds to 1), Adam's
+    ``sqrt(nu) + eps`` with ``eps=1e-8`` in float16 (eps rounds to 0): the
+    singularity is float16/bfloat16's, float32 would not hit it.
+    """
+    if dtype is None:
+        return False
+    p, ins = origin.primitive, origin.inputs
+    if p == "div" and len(ins) == 2 and ins[1].zeros:
+        return _producer(origin, 1) in _ROUNDING_OPS
+    if p in _LOG_OPS | {"rsqrt"} and ins and ins[0].zeros:
+        return _producer(origin, 0) in _ROUNDING_OPS
+    if p == "log1p" and ins and ins[0].min is not None and ins[0].min <= -1:
+        return _producer(origin, 0) in _ROUNDING_OPS
+    return False
 
 
 def _singularity(origin: Origin) -> str | None:
@@ -207,7 +268,15 @@ def diagnose(
         )
     sing = _singularity(origin)
     fix = _layer_fix(origin, line_text)
-    loss = in_loss(origin, module, model_scopes_seen, func)
+    loss = in_loss(origin, module, model_scopes_seen, func, _context(origin, line_text))
+    if sing is not None and origin.phase != "backward" and _rounded_to_zero(origin, dtype):
+        return Diagnosis(
+            "overflow_low_precision",
+            f"{origin.primitive} hit {sing}, a 0 that {dtype} rounding made: "
+            f"{_producer(origin, 1 if origin.primitive == 'div' else 0)} rounded a small "
+            "value to 0 (or 1 - x to 0), which float32 would hold",
+            _precision_fix(origin, dtype, _context(origin, line_text)),
+        )
     if sing is not None:
         backward = origin.phase == "backward"
         if backward:
@@ -225,6 +294,18 @@ def diagnose(
                 "optimizer, keeps such a step from reaching the parameters",
             )
         category = "derivative_singularity" if backward else "forward_singularity"
+        if (
+            not backward
+            and origin.primitive in _LOG_OPS | _ROOT_OPS
+            and _producer(origin, 0) is None
+            and origin.inputs[0].negatives
+        ):
+            why += ", of a value that came in as it is (a parameter or input out of its domain)"
+            fix = fix or (
+                f"keep that value in the domain of {op}: parametrize it positive "
+                "(`var = jax.nn.softplus(raw)`, or learn `log_var` and use `jnp.exp(log_var)`) "
+                f"or clamp it (`jnp.maximum(var, 1e-6)`) before the call; {_op_fix(op, origin)}"
+            )
         return Diagnosis(category, why, fix or _op_fix(op, origin))
     if (
         history is not None
@@ -319,12 +400,34 @@ def _loss_fix(op: str | None, line_text: str, fix: str | None) -> str:
     return fix or "stablejax.safe_div / safe_log / safe_sqrt for the op in the loss"
 
 
+def _precision_fix(origin: Origin, dtype: str, context: str) -> str:
+    text = context.replace(" ", "")
+    if origin.phase == "update":
+        return (
+            f"keep the optimizer's state and update in float32: float32 master parameters "
+            f"(cast to {dtype} only for the forward), or an eps {dtype} holds "
+            "(float16: eps >= 1e-4, its smallest normal is 6.1e-5)"
+        )
+    if origin.primitive in _LOG_OPS and ("sigmoid" in text or "1-" in text):
+        return (
+            "for probabilities from a sigmoid use jax.nn.log_sigmoid(x) and "
+            "jax.nn.log_sigmoid(-x) for log(1 - sigmoid(x)) "
+            "(or optax.sigmoid_binary_cross_entropy(logits, labels)), and compute the loss "
+            "in float32: `logits.astype(jnp.float32)`"
+        )
+    return (
+        "compute this op and the one that made its operand in float32: cast with "
+        "`.astype(jnp.float32)` at the line (or give the layer dtype=jnp.float32)"
+    )
+
+
 def _explosion_fix(history: History | None) -> str:
     clip = history.clip_value() if history is not None else None
-    clip_s = f"optax.clip_by_global_norm({clip})" if clip else "optax.clip_by_global_norm(1.0)"
+    clip_s = f"stablejax.optim.clip_by_global_norm({clip if clip else 1.0})"
     src = " (90th percentile of the healthy grad norms in history)" if clip else ""
     return (
-        f"clip gradients with {clip_s}{src}, lower the learning rate (e.g. 3-10x) and add "
+        f"clip gradients with {clip_s}{src} (Inf-safe: optax's turns an Inf gradient into "
+        "NaN), lower the learning rate (e.g. 3-10x) and add "
         "warm-up (optax.warmup_cosine_decay_schedule), and wrap the optimizer in "
         "stablejax.optim.guard to skip non-finite steps"
     )

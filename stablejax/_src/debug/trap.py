@@ -10,10 +10,12 @@ from typing import Any
 
 import jax
 
+from stablejax._src.debug.history import parse_history
 from stablejax._src.debug.locate import locate
 from stablejax._src.debug.report import Report
 from stablejax._src.debug.source import Frame, innermost_user_frame
 
+_TRAP_CONTEXT = jax.make_user_context(None)
 _DISPATCH = ("_run_python_pjit", "_python_pjit_helper", "maybe_recursive_nan_check")
 _MESSAGE = re.compile(r"invalid value \((nan|inf)\) encountered in ([\w.<>]+)")
 
@@ -34,23 +36,33 @@ def _failing_call(err: BaseException) -> tuple[Any, tuple, dict] | None:
     """The outermost ``jax.jit`` call that failed: its function and arguments.
 
     jax's jit dispatch (``pjit._run_python_pjit``) holds the user's function and
-    its arguments as locals when ``jax_debug_nans`` catches the NaN; the frame is
-    on the traceback of the internal error in the exception's context chain
-    (jax filters it out of the user-facing traceback).
+    its arguments as locals when ``jax_debug_nans`` catches the NaN. Those frames
+    sit on the tracebacks of the internal errors in the exception's context
+    chain (jax filters them out of the user-facing traceback) and above them on
+    the stack (``f_back``). The de-optimized re-run raises again from the jitted
+    internals it calls (``jnp.std``'s ``_std``, an eager ``div``), so the first
+    dispatch frame found is not the user's step: the step's is the outermost
+    one of the first error raised, the last of the chain.
     """
+    found: tuple[Any, tuple, dict] | None = None
     seen: set[int] = set()
     exc: BaseException | None = err
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         tb: types.TracebackType | None = exc.__traceback__
+        frame = None
         while tb is not None:
-            frame = tb.tb_frame
+            frame, tb = tb.tb_frame, tb.tb_next
+        outermost = None
+        while frame is not None:
             if frame.f_code.co_name in _DISPATCH and "fun" in frame.f_locals:
-                loc = frame.f_locals
-                return loc["fun"], tuple(loc.get("args", ())), dict(loc.get("kwargs") or {})
-            tb = tb.tb_next
+                outermost = frame
+            frame = frame.f_back
+        if outermost is not None:
+            loc = outermost.f_locals
+            found = loc["fun"], tuple(loc.get("args", ())), dict(loc.get("kwargs") or {})
         exc = exc.__cause__ or exc.__context__
-    return None
+    return found
 
 
 def _fallback_report(err: FloatingPointError) -> Report:
@@ -76,8 +88,7 @@ def _fallback_report(err: FloatingPointError) -> Report:
     )
 
 
-@contextlib.contextmanager
-def nan_trap(*, history: Sequence[Any] | None = None) -> Iterator[None]:
+def nan_trap(*, history: Sequence[Any] | None = None) -> contextlib.AbstractContextManager[None]:
     """Turns on ``jax_debug_nans``/``jax_debug_infs``; their error carries a ``Report``.
 
     Inside the block jax checks every jitted call's outputs and raises
@@ -97,7 +108,11 @@ def nan_trap(*, history: Sequence[Any] | None = None) -> Iterator[None]:
     Args:
       history: passed to ``locate`` (recent losses / grad norms).
 
+    Returns:
+      A context manager.
+
     Raises:
+      TypeError: at the call, if ``history`` is not a list of losses or dicts.
       NonFiniteError: on the first NaN/Inf jax detects inside the block.
 
     Examples:
@@ -112,11 +127,21 @@ def nan_trap(*, history: Sequence[Any] | None = None) -> Iterator[None]:
       >>> report.primitive, report.category
       ('log', 'forward_singularity')
     """
+    parse_history(history)  # a malformed history fails here, not at the first NaN
+    return _trap(history)
+
+
+@contextlib.contextmanager
+def _trap(history: Sequence[Any] | None) -> Iterator[None]:
     nans, infs = jax.config.jax_debug_nans, jax.config.jax_debug_infs
     jax.config.update("jax_debug_nans", True)
     jax.config.update("jax_debug_infs", True)
     try:
-        yield
+        # A value of our own in jax's tracing-cache key: jitted functions compiled
+        # before the block miss their fast call path (which never checks the
+        # flags) and are re-dispatched through the checked Python path.
+        with _TRAP_CONTEXT("stablejax.debug.nan_trap"):
+            yield
     except NonFiniteError:
         raise
     except FloatingPointError as err:
@@ -127,8 +152,9 @@ def nan_trap(*, history: Sequence[Any] | None = None) -> Iterator[None]:
         if call is not None:
             fn, args, kwargs = call
             try:
-                report = locate(getattr(fn, "__wrapped__", fn), history=history)(*args, **kwargs)
+                report = locate(fn, history=history)(*args, **kwargs)
             except Exception:  # the trap must surface jax's error, not ours
+
                 report = None
         fallback = _fallback_report(err)
         if report is not None and report.source is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import operator
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stablejax._src.debug.locate import locate
+from stablejax._src.debug.module_flags import Flags, ModuleFlagged
 from stablejax._src.debug.report import Report
 
 _GROUP_DEPTH = 3
@@ -41,6 +43,60 @@ def finite_flags(tree: Any) -> dict[str, jax.Array]:
     return {name: functools.reduce(jnp.logical_and, flags) for name, flags in groups.items()}
 
 
+def nonfinite_shards(tree: Any) -> list[dict[str, Any]]:
+    """Where a tree's non-finite values are: one entry per bad shard this process holds.
+
+    For each float leaf that is not all finite, each of its shards addressable
+    from this process (every shard of an unsharded array; the local ones of an
+    array sharded over a multi-process mesh) that holds a NaN/Inf gives
+    ``{'path', 'process', 'device', 'index', 'nonfinite'}``: the leaf's path,
+    ``jax.process_index()``, the device id, the shard's index into the global
+    array (one ``[start, stop)`` per dimension) and its non-finite count. Reads
+    the leaves to the host: call it on a step whose ``watch`` flag is ``False``,
+    not on every step.
+
+    Args:
+      tree: a pytree of arrays, e.g. a train step's outputs.
+
+    Returns:
+      A list of dicts, empty when every value this process holds is finite.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from stablejax.debug import nonfinite_shards
+      >>> [(s['path'], s['nonfinite']) for s in nonfinite_shards({'w': jnp.array([1.0, jnp.nan])})]
+      [("['w']", 1)]
+    """
+    out: list[dict[str, Any]] = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+            continue
+        shards = getattr(leaf, "addressable_shards", None)
+        if shards is None:
+            shards = [None]
+        for shard in shards:
+            data = np.asarray(leaf if shard is None else shard.data)
+            bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+            if not bad:
+                continue
+            index = []
+            shape = np.shape(leaf)
+            for dim, sl in enumerate(shard.index if shard is not None else ()):
+                start, stop, _ = sl.indices(shape[dim])
+                index.append([start, stop])
+            out.append(
+                {
+                    "path": jax.tree_util.keystr(path) or "out",
+                    "process": jax.process_index(),
+                    "device": None if shard is None else int(shard.device.id),
+                    "index": index,
+                    "nonfinite": bad,
+                }
+            )
+    return out
+
+
 def watch(fn: Callable[..., Any]) -> Callable[..., tuple[Any, dict[str, jax.Array]]]:
     """Returns ``fn`` with one more output: finiteness flags of its outputs.
 
@@ -52,6 +108,19 @@ def watch(fn: Callable[..., Any]) -> Callable[..., tuple[Any, dict[str, jax.Arra
     pass an already jitted ``fn``: both work), without host callbacks, so they
     cost one extra read of the outputs. Return the gradients (or their global
     norm) from the step to watch them too.
+
+    ``flags`` is a :class:`dict` with two more attributes. ``flags.modules``
+    maps each top-level module and phase (``'Net/Block_2 (forward)'``, a linen
+    scope below the root; ``'encoder (backward)'``, an NNX attribute) to a
+    flag over every value that module handed on: its outputs, the cotangents
+    it passed back, the gradients it made. ``flags.first_bad_module`` names
+    the module and phase of the first of those values, in program order, that
+    is not finite: where the NaN/Inf was born, to a module, with no re-run.
+    Reading it brings one integer to the host; the flags themselves stay on
+    device until read. To compute them ``watch`` traces ``fn`` once per
+    argument signature and re-binds its equations (the same program plus the
+    flags; nested ``jit`` bodies are inlined); NNX objects in the arguments are
+    updated in place as ``fn`` would update them.
 
     Args:
       fn: the function to watch, typically a train step.
@@ -69,16 +138,62 @@ def watch(fn: Callable[..., Any]) -> Callable[..., tuple[Any, dict[str, jax.Arra
       >>> out, flags = step(jnp.ones(2), jnp.array([1.0, 0.0]))
       >>> {k: bool(v) for k, v in flags.items()}
       {'[0]': True, '[1]': False}
+      >>> print(flags.first_bad_module)  # no modules in this step
+      None
     """
     if not callable(fn):
         raise TypeError(f"watch: `fn` must be callable, got {type(fn).__name__}: {fn!r:.80}.")
 
+    flagged = ModuleFlagged(fn, finite_flags)
+
     @functools.wraps(fn)
-    def watched(*args: Any, **kwargs: Any) -> tuple[Any, dict[str, jax.Array]]:
+    def watched(*args: Any, **kwargs: Any) -> tuple[Any, Flags]:
+        result = flagged(*args, **kwargs)
+        if result is not None:
+            return result
         out = fn(*args, **kwargs)
-        return out, finite_flags(out)
+        return out, Flags(finite_flags(out))
 
     return watched
+
+
+def _check_history_size(history_size: Any) -> int:
+    if isinstance(history_size, bool) or not hasattr(history_size, "__index__"):
+        raise TypeError(
+            "watch_loop: `history_size` must be an integer >= 0 (e.g. history_size=100), got "
+            f"{type(history_size).__name__}: {history_size!r:.80}."
+        )
+    size = operator.index(history_size)
+    if size < 0:
+        raise ValueError(
+            f"watch_loop: `history_size` must be >= 0, got {size}; pass e.g. history_size=100 "
+            "(0 keeps no history)."
+        )
+    return size
+
+
+def _check_report_path(path: Any) -> str | os.PathLike[str] | None:
+    """Fails now, not at the first bad step, when the report could not be written there."""
+    if path is None:
+        return None
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            "watch_loop: `report_path` must be a file path or None, got "
+            f"{type(path).__name__}: {path!r:.80}."
+        )
+    full = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(full)
+    fix = "pass a file in an existing writable folder (e.g. report_path='nan_report.json') or None"
+    if os.path.isdir(full):
+        raise ValueError(f"watch_loop: report_path={os.fspath(path)!r} is a directory; {fix}.")
+    if not os.path.isdir(folder):
+        raise ValueError(
+            f"watch_loop: report_path={os.fspath(path)!r}: the folder {folder!r} does not exist; "
+            f"{fix}."
+        )
+    if not os.access(folder, os.W_OK) or (os.path.exists(full) and not os.access(full, os.W_OK)):
+        raise ValueError(f"watch_loop: report_path={os.fspath(path)!r} is not writable; {fix}.")
+    return path
 
 
 def _skipped_total(opt_state: Any) -> int | None:
@@ -117,6 +232,15 @@ class watch_loop:  # noqa: N801  (used like a function)
       opt_state: optional ``out -> opt_state``, to watch the guard's skip count.
       stop: raise ``FloatingPointError`` after reporting instead of continuing.
       printer: called with the report text (default ``print``).
+      history_size: how many recent steps of ``metrics`` to keep for ``locate``
+        (an integer >= 0).
+
+    Raises:
+      TypeError: if ``step``, ``metrics``, ``opt_state`` or ``printer`` is not
+        callable, or ``history_size`` is not an integer.
+      ValueError: if ``history_size`` is negative or ``report_path`` cannot be
+        written (a directory, or in a folder that does not exist or is not
+        writable).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -143,8 +267,17 @@ class watch_loop:  # noqa: N801  (used like a function)
     ) -> None:
         if not callable(step):
             raise TypeError(f"watch_loop: `step` must be callable, got {type(step).__name__}.")
+        for name, value in (("metrics", metrics), ("opt_state", opt_state), ("printer", printer)):
+            if value is not None and not callable(value):
+                raise TypeError(
+                    f"watch_loop: `{name}` must be callable or None, got "
+                    f"{type(value).__name__}: {value!r:.80}."
+                )
+        history_size = _check_history_size(history_size)
+        report_path = _check_report_path(report_path)
         self.step = step
-        self._watched = jax.jit(watch(step))
+        # watch jits the step itself (and keeps NNX updates); an outer jax.jit would not.
+        self._watched = watch(step)
         self.report_path = report_path
         self._metrics = metrics
         self._opt_state = opt_state
@@ -156,16 +289,21 @@ class watch_loop:  # noqa: N801  (used like a function)
         self.bad_steps: list[int] = []
         self.steps = 0
         self._skipped: int | None = None
+        self.first_bad_module: str | None = None
+        self.bad_shards: list[dict[str, Any]] = []
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out, flags = self._watched(*args, **kwargs)
-        host_flags = {k: bool(v) for k, v in jax.device_get(flags).items()}
-        bad = [k for k, ok in host_flags.items() if not ok]
+        host = jax.device_get(flags)
+        bad = [k for k, ok in host.items() if not bool(ok)]
+        if not bad and not all(bool(ok) for ok in getattr(host, "modules", {}).values()):
+            bad.append("module flags")
         if self._metrics is not None:
             entry = {k: float(np.asarray(v)) for k, v in self._metrics(out).items()}
             if entry.get("loss") is not None and not math.isfinite(entry["loss"]):
                 bad.append("loss")
-            self.history = (self.history + [entry])[-self._history_size :]
+            keep = max(0, len(self.history) + 1 - self._history_size)
+            self.history = (self.history + [entry])[keep:]
         if self._opt_state is not None:
             skipped = _skipped_total(self._opt_state(out))
             if skipped is not None and self._skipped is not None and skipped > self._skipped:
@@ -173,6 +311,8 @@ class watch_loop:  # noqa: N801  (used like a function)
             self._skipped = skipped if skipped is not None else self._skipped
         if bad:
             self.bad_steps.append(self.steps)
+            self.first_bad_module = getattr(host, "first_bad_module", None)
+            self.bad_shards = nonfinite_shards(out)
             if self.report is None:
                 self._locate(args, kwargs, bad)
         self.steps += 1
@@ -184,13 +324,24 @@ class watch_loop:  # noqa: N801  (used like a function)
         self.report = report
         if report is None:
             self._print(
-                f"stablejax.debug.watch_loop: step {self.steps} flagged {bad}, but locate "
-                "found no NaN/Inf when re-evaluating it on the same inputs."
+                f"stablejax.debug.watch_loop: step {self.steps} flagged {bad} (first bad module: "
+                f"{self.first_bad_module}), but locate found no NaN/Inf when re-evaluating it "
+                "on the same inputs."
             )
             return
-        self._print(f"stablejax.debug.watch_loop: step {self.steps} flagged {bad}.\n{report}")
+        first = self.first_bad_module
+        where = f", first bad module {first}" if first else ""
+        self._print(
+            f"stablejax.debug.watch_loop: step {self.steps} flagged {bad}{where}.\n{report}"
+        )
         if self.report_path is not None:
             with open(self.report_path, "w") as f:
-                json.dump({"step": self.steps, "flags": bad, **report.to_dict()}, f, indent=2)
+                record = {
+                    "step": self.steps,
+                    "flags": bad,
+                    "first_bad_module": first,
+                    "bad_shards": self.bad_shards,
+                }
+                json.dump({**record, **report.to_dict()}, f, indent=2)
         if self.stop:
             raise FloatingPointError(report.headline)
