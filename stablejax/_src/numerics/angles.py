@@ -19,11 +19,16 @@ import jax.numpy as jnp
 
 from stablejax._src import validation
 from stablejax._src.numerics.dtypes import compute_dtype
-from stablejax._src.numerics.ops import _floor, _prepare
+from stablejax._src.numerics.ops import _prepare
 from stablejax._src.typing import Array, ArrayLike
 
 ATAN2_GRAD_FLOOR = 1e-15
 ACOS_GRAD_FLOOR = 1e-20
+
+
+def checked_floor(value: float, where: str, dtype, power: float = 1.0) -> float:
+    """The user's ``grad_floor`` (checked to be a positive number), raised for ``dtype``."""
+    return dtype_floor(validation.check_positive("grad_floor", value, where), dtype, power=power)
 
 
 def dtype_floor(floor: float, dtype, power: float = 1.0) -> float:
@@ -102,7 +107,7 @@ def safe_arctan2(y: ArrayLike, x: ArrayLike, *, grad_floor: float = ATAN2_GRAD_F
     out_dtype = jnp.result_type(y, x)
     ct = compute_dtype(out_dtype)
     y, x = jnp.broadcast_arrays(y.astype(ct), x.astype(ct))
-    floor = dtype_floor(_floor(grad_floor, "safe_arctan2"), out_dtype, power=2.0)
+    floor = checked_floor(grad_floor, "safe_arctan2", out_dtype, power=2.0)
     return _arctan2(y, x, floor).astype(out_dtype)
 
 
@@ -189,7 +194,7 @@ def safe_arccos(x: ArrayLike, *, grad_floor: float = ACOS_GRAD_FLOOR) -> Array:
       (0.0, 0.0)
     """
     xc, dtype = _prepare("x", x, "safe_arccos")
-    floor = dtype_floor(_floor(grad_floor, "safe_arccos"), dtype, power=1.5)
+    floor = checked_floor(grad_floor, "safe_arccos", dtype, power=1.5)
     return _arccos(xc, floor).astype(dtype)
 
 
@@ -218,5 +223,5 @@ def safe_arcsin(x: ArrayLike, *, grad_floor: float = ACOS_GRAD_FLOOR) -> Array:
       0.0
     """
     xc, dtype = _prepare("x", x, "safe_arcsin")
-    floor = dtype_floor(_floor(grad_floor, "safe_arcsin"), dtype, power=1.5)
+    floor = checked_floor(grad_floor, "safe_arcsin", dtype, power=1.5)
     return _arcsin(xc, floor).astype(dtype)

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from stablejax._src import validation
-from stablejax._src.numerics.angles import dtype_floor
+from stablejax._src.numerics.angles import checked_floor
 from stablejax._src.numerics.dtypes import compute_dtype
-from stablejax._src.numerics.ops import _floor, _prepare, _singular
+from stablejax._src.numerics.ops import _prepare, _singular
 from stablejax._src.typing import Array, ArrayLike
 
 POW_GRAD_FLOOR = 1e-15
@@ -110,7 +110,7 @@ def safe_pow(x: ArrayLike, p: ArrayLike, *, grad_floor: float = POW_GRAD_FLOOR) 
     out_dtype = x.dtype
     ct = compute_dtype(out_dtype)
     x, pc = jnp.broadcast_arrays(x.astype(ct), jnp.asarray(p).astype(ct))
-    floor = dtype_floor(_floor(grad_floor, "safe_pow"), out_dtype, power=2.0)
+    floor = checked_floor(grad_floor, "safe_pow", out_dtype, power=2.0)
     return _pow(x, pc, floor).astype(out_dtype)
 
 
@@ -171,4 +171,4 @@ def safe_xlogx(x: ArrayLike, *, grad_floor: float = XLOGX_GRAD_FLOOR) -> Array:
       0.0
     """
     xc, dtype = _prepare("x", x, "safe_xlogx")
-    return _xlogx(xc, dtype_floor(_floor(grad_floor, "safe_xlogx"), dtype)).astype(dtype)
+    return _xlogx(xc, checked_floor(grad_floor, "safe_xlogx", dtype)).astype(dtype)
