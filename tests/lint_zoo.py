@@ -5,8 +5,8 @@ Each buggy program is ``(name, build)`` where ``build()`` returns
 the faulty line (the line holds ``# bug``). Each clean model's ``build()``
 returns ``(fn, args)``. ``tests/test_lint.py`` asserts the rates and
 ``bench/bench_lint.py`` times them. The file is the user's code (outside
-``stablejax/``), so the lines lint reports are its lines. Every cause is in the code, not in the data
-and not a learning-rate explosion.
+``stablejax/``), so the lines lint reports are its lines. Every cause is in
+the code, not in the data and not a learning-rate explosion.
 """
 
 from __future__ import annotations
@@ -302,7 +302,7 @@ class _LM(nn.Module):
     @nn.compact
     def __call__(self, tokens):
         pos = self.param("pos", nn.initializers.normal(0.02), (8, 16))
-        x = nn.Embed(50, 16)(tokens) + pos[: tokens.shape[-1]]
+        x = nn.Embed(50, 16)(tokens) + pos[None, : tokens.shape[-1]]
         mask = nn.make_causal_mask(tokens)
         for _ in range(2):
             x = _Block()(x, mask)

@@ -253,6 +253,12 @@ def ipow(a: AV, n: int) -> tuple[float, float]:
         return 1.0, 1.0
     if n < 0:
         return recip(AV(*ipow(a, -n)))
+    if n > 8:  # by monotonicity, not by repeated products
+        if a.lo >= 0:
+            return monotone(lambda t: t**n, a, 0.0, INF)
+        if n % 2 == 0:
+            return 0.0, monotone(lambda t: t**n, AV(0.0, max(-a.lo, a.hi)), 0.0, INF)[1]
+        return monotone(lambda t: t**n, a, -INF, INF)
     if n % 2 == 0:
         s = AV(*square(a))
         return ipow(s, n // 2) if n > 2 else (s.lo, s.hi)

@@ -258,6 +258,8 @@ class _Linter:
                 outs = o if outs is None else [iv.union(a, b) for a, b in zip(outs, o)]
             return outs
         outs, found = rules.apply(eqn, ins, self._pending)
+        if sub.trusted and name == "select_n":
+            outs = [rules.trusted_clamp(ins, outs[0])]
         if sub.record:
             for f in found:
                 if not sub.trusted and not (sub.custom and f["phase"] == "backward"):

@@ -129,6 +129,17 @@ def _select(eqn, ins, on_masked, trusted_clamp=False) -> AV:
     return out.replace(taint=frozenset())
 
 
+def trusted_clamp(ins: list[AV], out: AV) -> AV:
+    """``where(v <= c, c, y)`` in trusted code (optax.safe_norm): taken as ``>= c``."""
+    pred, cases = ins[0], ins[1:]
+    if pred.cmp is None or pred.cmp[1] not in ("le", "lt") or len(cases) != 2:
+        return out
+    c = pred.cmp[2]
+    if c > 0 and any(x.lo == x.hi and math.isclose(x.lo, c, rel_tol=1e-6) for x in cases):
+        return out.replace(lo=max(out.lo, c))
+    return out
+
+
 def apply(eqn: Any, ins: list[AV], on_masked: Callable[[frozenset[int]], None]):
     """The abstract outputs of ``eqn`` and its findings."""
     name = eqn.primitive.name
