@@ -426,3 +426,9 @@ CLEAN = {
         clean_contrastive, clean_nnx_mlp, clean_regression_optax_step,
     )
 }
+
+
+def cli_std_pool():
+    """``stablejax lint tests/lint_zoo.py:cli_std_pool``: the convention, ``(fn, args)``."""
+    fn, args, _ = bug_std_pool()
+    return fn, args

@@ -211,3 +211,43 @@ def test_concrete_results_match_the_static_claims():
     x = np.zeros((4, 3), np.float32)
     assert not np.isfinite(jax.grad(lambda x: jnp.std(x, axis=1).sum())(x)).all()
     assert not np.isfinite(jax.grad(lambda x: jnp.where(x > 0, jnp.log(x), 0.0).sum())(x)).all()
+
+
+def _cli(*argv):
+    import contextlib
+    import io
+
+    from stablejax.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+ZOO = os.path.join(os.path.dirname(__file__), "lint_zoo.py")
+
+
+def test_cli_lint_exit_status_and_output():
+    code, out, err = _cli("lint", f"{ZOO}:cli_std_pool")
+    assert code == 4 and err == ""
+    assert "lint_zoo.py" in out
+    assert "sqrt" in out and "high" in out
+    code, out, _ = _cli("lint", "--json", f"{ZOO}:clean_mlp")
+    assert code == 0 and not [r for r in json.loads(out) if r["severity"] == "high"]
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("no_colon", "expected MODULE:FUNCTION"),
+        ("nonexistent_module_xyz:f", "cannot import"),
+        (f"{ZOO}:missing", "has no function"),
+        (f"{ZOO}:bug_std_pool", "must return args as a tuple and kwargs as a dict"),
+        (f"{ZOO}:_spec", "raised TypeError"),
+    ],
+)
+def test_cli_lint_bad_target_one_line_on_stderr(target, message):
+    code, out, err = _cli("lint", target)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and message in err and err.startswith("stablejax: error:")
