@@ -244,7 +244,7 @@ def test_cli_lint_exit_status_and_output():
         ("nonexistent_module_xyz:f", "cannot import"),
         (f"{ZOO}:missing", "has no function"),
         (f"{ZOO}:bug_std_pool", "must return args as a tuple and kwargs as a dict"),
-        (f"{ZOO}:_spec", "raised TypeError"),
+        (f"{ZOO}:_spec", "must return (fn, args) or (fn, args, kwargs)"),
     ],
 )
 def test_cli_lint_bad_target_one_line_on_stderr(target, message):
