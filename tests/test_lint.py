@@ -134,6 +134,20 @@ def test_unsafe_counterparts_are_high():
         assert lint(jax.grad(lambda x, fn=fn: jnp.sum(fn(x))))(_f((4, 5))).high
 
 
+def test_where_trap_only_for_the_value_jnp_where_masks():
+    labels = jax.ShapeDtypeStruct((4,), jnp.int32)
+
+    def loss(x, y):  # log_softmax inside holds a jnp.where, downstream of a reduction
+        x = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+        return optax.softmax_cross_entropy_with_integer_labels(x, y).mean()
+
+    (div,) = [r for r in lint(jax.grad(loss))(_f((4, 5)), labels) if r.primitive == "div"]
+    assert (div.phase, div.category) == ("forward", "forward_singularity")
+    (trap,) = lint(lambda x: jnp.where(x > 0, jnp.log(x), 0.0))(_f((4,)))
+    assert (trap.phase, trap.category) == ("backward", "derivative_singularity")
+    assert "double-branch" in trap.why
+
+
 def test_reads_shapes_only_arrays_and_specs_agree():
     def fn(x):
         return jnp.sum(jnp.sqrt(x))

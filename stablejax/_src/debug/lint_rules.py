@@ -27,6 +27,10 @@ _SHAPE = frozenset({
     "dynamic_update_slice", "sort", "optimization_barrier", "real", "sharding_constraint",
     "mesh_cast", "reshard", "pvary", "device_put",
 })
+_MIXING = frozenset({
+    "reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin", "cumsum",
+    "cumprod", "cummax", "cummin", "dot_general", "conv_general_dilated", "sort",
+})
 _COMPARE = {"gt": "gt", "ge": "ge", "lt": "lt", "le": "le", "eq": "eq", "ne": "ne"}
 _FLIP = {"gt": "lt", "ge": "le", "lt": "gt", "le": "ge", "eq": "eq", "ne": "ne"}
 _NEGATE = {"gt": "le", "ge": "lt", "lt": "ge", "le": "gt", "eq": "ne", "ne": "eq"}
@@ -144,7 +148,9 @@ def apply(eqn: Any, ins: list[AV], on_masked: Callable[[frozenset[int]], None]):
     """The abstract outputs of ``eqn`` and its findings."""
     name = eqn.primitive.name
     dt = _dtype(eqn.outvars[0]) if eqn.outvars else ""
-    taint = frozenset().union(*(a.taint for a in ins)) if ins else frozenset()
+    # A NaN carried into a reduction or a matmul is no longer "the value jnp.where masks".
+    taint = (frozenset().union(*(a.taint for a in ins)) if ins and name not in _MIXING
+             else frozenset())
     found: list[dict] = []
     out: AV | None = None
     a = ins[0] if ins else None
