@@ -160,23 +160,34 @@ def _lint(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Risks:
 
 
 class _Ctx:
-    __slots__ = ("name_stack", "frames", "trusted", "custom", "record")
+    """Where a jaxpr runs: the call chain's tracebacks and name stacks (composed on demand)."""
 
-    def __init__(self, name_stack, frames, trusted, custom, record):
-        self.name_stack = name_stack
-        self.frames = frames
+    __slots__ = ("tbs", "stacks", "trusted", "custom", "record")
+
+    def __init__(self, tbs, stacks, trusted, custom, record):
+        self.tbs = tbs  # innermost first
+        self.stacks = stacks  # outermost first
         self.trusted = trusted
         self.custom = custom
         self.record = record
 
     def child(self, eqn: Any, trusted: bool, custom: bool = False) -> _Ctx:
         return _Ctx(
-            self.name_stack + eqn.source_info.name_stack,
-            traceback_frames(eqn.source_info.traceback) + self.frames,
+            (eqn.source_info.traceback,) + self.tbs,
+            self.stacks + (eqn.source_info.name_stack,),
             self.trusted or trusted,
             self.custom or custom,
             self.record,
         )
+
+    def frames(self) -> tuple[Frame, ...]:
+        return tuple(f for tb in self.tbs for f in traceback_frames(tb))
+
+    def name_stack(self) -> Any:
+        stack = source_info_util.new_name_stack()
+        for s in self.stacks:
+            stack = stack + s
+        return stack
 
 
 def _trusted(frames: Sequence[Frame]) -> bool:
@@ -197,14 +208,22 @@ class _Linter:
     """Abstract interpreter of a closed jaxpr collecting risks."""
 
     def __init__(self) -> None:
+        self._trust: dict[int, tuple[Any, bool]] = {}
         self.found: list[dict[str, Any]] = []
         self._labels: dict[int, Any] = {}
         self._keep: list[Any] = []
 
     def run(self, closed: Any, in_avs: list[iv.AV]) -> list[iv.AV]:
-        ctx = _Ctx(source_info_util.new_name_stack(), (), False, False, True)
+        ctx = _Ctx((), (), False, False, True)
         consts = [iv.const(c) for c in closed.consts]
         return self._eval(closed.jaxpr, consts, in_avs, ctx, (True,) * len(closed.jaxpr.outvars))
+
+    def _trusted_tb(self, tb: Any) -> bool:
+        hit = self._trust.get(id(tb))
+        if hit is None or hit[0] is not tb:
+            hit = (tb, _trusted(traceback_frames(tb)))
+            self._trust[id(tb)] = hit
+        return hit[1]
 
     def _labels_for(self, jaxpr: Any, out_fwd: tuple[bool, ...]) -> Any:
         key = (id(jaxpr), out_fwd)
@@ -239,8 +258,7 @@ class _Linter:
 
     def _eqn(self, eqn, ins, ctx, out_flags) -> list[iv.AV]:
         name = eqn.primitive.name
-        tb = traceback_frames(eqn.source_info.traceback)
-        sub = ctx.child(eqn, _trusted(tb), name in _CUSTOM)
+        sub = ctx.child(eqn, self._trusted_tb(eqn.source_info.traceback), name in _CUSTOM)
         if name in _CALLS and _CALLS[name] in eqn.params:
             obj = eqn.params[_CALLS[name]]
             jaxpr, consts = (obj.jaxpr, obj.consts) if hasattr(obj, "consts") else (obj, ())
@@ -281,11 +299,11 @@ class _Linter:
                 f.update(rules.where_trap(f))
 
     def _add(self, f: dict[str, Any], eqn: Any, ctx: _Ctx, outs: list[iv.AV]) -> None:
-        user = innermost_user_frame(ctx.frames)
+        user = innermost_user_frame(ctx.frames())
         f = dict(f)
         f["source"] = _source(user) if user else None
         f["line_text"] = _line(user) if user else ""
-        f["module"] = module_path(scopes(ctx.name_stack), frozenset(nnx_names.ROOT_NAMES))
+        f["module"] = module_path(scopes(ctx.name_stack()), frozenset(nnx_names.ROOT_NAMES))
         idx = len(self.found)
         self.found.append(f)
         if (f["phase"] == "forward" and f.get("nonfinite", True)) or f["primitive"] == "sqrt":
@@ -295,7 +313,7 @@ class _Linter:
     # -- loops ------------------------------------------------------------------
 
     def _fixpoint(self, body, consts, carry, rest, ctx, n_carry, order, out_fwd):
-        quiet = _Ctx(ctx.name_stack, ctx.frames, ctx.trusted, ctx.custom, False)
+        quiet = _Ctx(ctx.tbs, ctx.stacks, ctx.trusted, ctx.custom, False)
         for k in range(_FIXPOINT_PASSES + 1):
             outs = self._eval(body.jaxpr, [iv.const(c) for c in body.consts],
                               order(consts, carry, rest), quiet, out_fwd)
