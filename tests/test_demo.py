@@ -214,3 +214,19 @@ def test_failure_marker_label_sits_at_a_finite_value():
     assert lo <= 0.0466 <= hi
     (nan_label,) = [t for t in grad_ax.texts if t.get_text() == "NaN"]
     assert nan_label.xy == (2, 0.96)  # axes fraction: the top edge
+
+
+def test_lint_flags_naive_code_and_not_the_fix(demo):
+    lines = {"zero_norm": "jnp.linalg.norm", "silent_std": "jnp.std",
+             "sqrt_loss": "jnp.sqrt", "fp16_overflow": "h * h"}
+    for name in EXPECTED:
+        found = _scenario(demo, name)["lint"]
+        high = [r for r in found["naive"] if r["severity"] == "high"]
+        assert found["ok"] is True
+        assert not [r for r in found["fixed"] if r["severity"] == "high"]
+        if name in lines:  # the cause is in the code: lint names its line
+            assert found["in_code"] is True
+            assert any(lines[name] in r["line"] and "zoo.py:" in r["source"] for r in high)
+        else:  # a learning-rate explosion, bad data: nothing in the code to flag
+            assert found["in_code"] is False and high == []
+    assert "lint, before training, naive loss" in demo["stdout"]
