@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--d", type=int, default=512)
+    ap.add_argument("--only", default="", help="programs whose name contains this")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "lint.json"))
     a = ap.parse_args()
@@ -88,6 +89,7 @@ def main() -> None:
     programs |= {f"clean/{n}": b() for n, b in lint_zoo.CLEAN.items()}
     programs[f"clean/lm_{a.layers}x{a.d}_train_step"] = big_lm(a.layers, a.d)
     rows = []
+    programs = {k: v for k, v in programs.items() if a.only in k}
     for name, (fn, args) in programs.items():
         risks = lint(fn)(*args)  # warm: imports, first-call caches
         lt, tt = [], []

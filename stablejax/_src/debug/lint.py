@@ -13,6 +13,7 @@ raises nothing.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -190,16 +191,27 @@ class _Ctx:
         return stack
 
 
+@functools.lru_cache(maxsize=4096)
+def _file_kind(file: str) -> str:
+    """``'user'``, ``'trusted'`` (stablejax internals, optax optimizers) or ``'library'``."""
+    if is_user_file(file) or _SELF in file:
+        return "user"
+    if _STABLEJAX in file and _DEMO not in file:
+        return "trusted"
+    if is_optimizer_file(file) and f"{os.sep}losses{os.sep}" not in file:
+        return "trusted"
+    return "library"
+
+
 def _trusted(frames: Sequence[Frame]) -> bool:
     """Whether the innermost frames, up to the first of the user's, are trusted code."""
     for f in frames:
-        if is_user_file(f.file) or _SELF in f.file:
+        kind = _file_kind(f.file)
+        if kind == "user":
             return False
-        if _STABLEJAX in f.file and _DEMO not in f.file:
+        if kind == "trusted":
             return True
         if f.function in _TRUSTED_FUNCTIONS and f"{os.sep}optax{os.sep}" in f.file:
-            return True
-        if is_optimizer_file(f.file) and f"{os.sep}losses{os.sep}" not in f.file:
             return True
     return False
 
