@@ -8,10 +8,14 @@ finiteness flags to a train step and ``watch_loop`` calls ``locate`` when one
 trips.
 """
 
+from stablejax._src.debug.lint import LintTraceError as LintTraceError
+from stablejax._src.debug.lint import lint as lint
 from stablejax._src.debug.locate import LocateTraceError as LocateTraceError
 from stablejax._src.debug.locate import locate as locate
 from stablejax._src.debug.nnx_names import nnx_module_names as nnx_module_names
 from stablejax._src.debug.report import Report as Report
+from stablejax._src.debug.risk import Risk as Risk
+from stablejax._src.debug.risk import Risks as Risks
 from stablejax._src.debug.trap import NonFiniteError as NonFiniteError
 from stablejax._src.debug.trap import nan_trap as nan_trap
 from stablejax._src.debug.watch import finite_flags as finite_flags
@@ -20,10 +24,14 @@ from stablejax._src.debug.watch import watch as watch
 from stablejax._src.debug.watch import watch_loop as watch_loop
 
 __all__ = [
+    "LintTraceError",
     "LocateTraceError",
     "NonFiniteError",
     "Report",
+    "Risk",
+    "Risks",
     "finite_flags",
+    "lint",
     "locate",
     "nan_trap",
     "nnx_module_names",

@@ -20,9 +20,9 @@ PUBLIC = {
                         "find_guard_state", "find_loss_scale_state", "guard", "leaf_path",
                         "metrics", "nonfinite_leaf_path", "overshoot_control", "scale_loss",
                         "stable_adamw"},
-    "stablejax.debug": {"LocateTraceError", "NonFiniteError", "Report", "finite_flags", "locate",
-                        "nan_trap", "nnx_module_names", "nonfinite_shards", "watch",
-                        "watch_loop"},
+    "stablejax.debug": {"LintTraceError", "LocateTraceError", "NonFiniteError", "Report",
+                        "Risk", "Risks", "finite_flags", "lint", "locate", "nan_trap",
+                        "nnx_module_names", "nonfinite_shards", "watch", "watch_loop"},
 }
 
 

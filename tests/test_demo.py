@@ -192,3 +192,41 @@ def test_python_dash_m_gives_one_line_error_without_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "unknown scenario 'nope'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_failure_marker_label_sits_at_a_finite_value():
+    # silent_std: the naive loss at the bad step is finite (0.0466 in the README run),
+    # only its gradient is NaN; the label must sit at that value, not at the axis top.
+    from stablejax._src.demo.plots import scenario_figure
+    from stablejax._src.demo.runner import ScenarioResult
+    from stablejax._src.demo.scenarios import SCENARIOS
+    from stablejax._src.demo.train import RunLog
+
+    naive = RunLog(losses=[1.0, 0.5, 0.0466], grad_norms=[2.0, 1.0, float("nan")],
+                   nonfinite_steps=[2])
+    fixed = RunLog(losses=[1.0, 0.5, 0.04, 0.03], grad_norms=[2.0, 1.0, 0.5, 0.4])
+    result = ScenarioResult(SCENARIOS["silent_std"], 4, naive, fixed, None, 0.0, 0.0)
+    fig = scenario_figure(result)
+    loss_ax, grad_ax = fig.axes[:2]
+    (label,) = [t for t in loss_ax.texts if t.get_text() == "0.0466"]
+    assert label.xy == (2, 0.0466) and label.xycoords is loss_ax.transData
+    lo, hi = loss_ax.get_ylim()
+    assert lo <= 0.0466 <= hi
+    (nan_label,) = [t for t in grad_ax.texts if t.get_text() == "NaN"]
+    assert nan_label.xy == (2, 0.96)  # axes fraction: the top edge
+
+
+def test_lint_flags_naive_code_and_not_the_fix(demo):
+    lines = {"zero_norm": "jnp.linalg.norm", "silent_std": "jnp.std",
+             "sqrt_loss": "jnp.sqrt", "fp16_overflow": "h * h"}
+    for name in EXPECTED:
+        found = _scenario(demo, name)["lint"]
+        high = [r for r in found["naive"] if r["severity"] == "high"]
+        assert found["ok"] is True
+        assert not [r for r in found["fixed"] if r["severity"] == "high"]
+        if name in lines:  # the cause is in the code: lint names its line
+            assert found["in_code"] is True
+            assert any(lines[name] in r["line"] and "zoo.py:" in r["source"] for r in high)
+        else:  # a learning-rate explosion, bad data: nothing in the code to flag
+            assert found["in_code"] is False and high == []
+    assert "lint, before training, naive loss" in demo["stdout"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import numpy as np
 
@@ -20,10 +21,16 @@ def _finite(values: list[float]) -> np.ndarray:
 
 
 def plot_scenario(result: ScenarioResult, path: str | os.PathLike[str]) -> None:
-    """Saves the scenario's figure as a PNG at ``path``.
+    """Saves the scenario's figure (:func:`scenario_figure`) as a PNG at ``path``."""
+    scenario_figure(result).savefig(path, dpi=100)
+
+
+def scenario_figure(result: ScenarioResult) -> Any:
+    """The scenario's ``matplotlib.figure.Figure``.
 
     Two panels (loss, gradient norm; log scale): the naive run up to its first
-    non-finite step, marked with a red cross, its value and a dashed line, and
+    non-finite step, marked with a red cross and its value (at that value when it
+    is finite, at the top of the axis for NaN/Inf) and a dashed line, and
     the fixed run, with the steps its guard skipped marked by orange triangles.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -46,13 +53,17 @@ def plot_scenario(result: ScenarioResult, path: str | os.PathLike[str]) -> None:
         if bad is not None:
             raw = getattr(naive, key)[bad]
             ax.axvline(bad, color="tab:red", ls="--", lw=1)
+            # A finite value (the loss of a step whose gradient is NaN) is marked where it
+            # is; NaN and Inf have no place on the axis and are marked at its top.
+            finite = math.isfinite(raw)
+            y, where = (raw, ax.transData) if finite else (0.96, edge)
             ax.plot(
-                [bad], [0.96], "X", color="tab:red", ms=10, transform=edge, clip_on=False,
+                [bad], [y], "X", color="tab:red", ms=10, transform=where, clip_on=False,
                 label=f"naive non-finite at step {bad}",
             )
             ax.annotate(
-                _word(raw), (bad, 0.96), xytext=(6, -4), textcoords="offset points",
-                xycoords=edge, color="tab:red", fontsize=8,
+                _word(raw), (bad, y), xytext=(6, -4), textcoords="offset points",
+                xycoords=where, color="tab:red", fontsize=8,
             )
         if fixed.skipped:
             ax.plot(
@@ -66,7 +77,7 @@ def plot_scenario(result: ScenarioResult, path: str | os.PathLike[str]) -> None:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9)
     fig.suptitle(f"{result.scenario.title}\nfix: {result.scenario.fix}", fontsize=10)
-    fig.savefig(path, dpi=100)
+    return fig
 
 
 def _word(x: float) -> str:

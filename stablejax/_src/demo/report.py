@@ -89,6 +89,13 @@ def to_json(results: Sequence[ScenarioResult], wall_seconds: float, steps: int) 
                 "ok": r.ok,
                 "seconds": round(r.seconds, 3),
                 "locate_seconds": round(r.locate_seconds, 3),
+                "lint": {
+                    "in_code": r.scenario.in_code,
+                    "ok": r.lint_ok,
+                    "seconds": round(r.lint_seconds, 3),
+                    "naive": r.lint_naive.to_dict(),
+                    "fixed": r.lint_fixed.to_dict(),
+                },
                 "naive": _run_dict(r.naive),
                 "locate": located,
                 "fixed": _run_dict(r.fixed),
@@ -161,6 +168,9 @@ def to_markdown(
                 f"**Naive run**: non-finite at step {step} (loss "
                 f"{r.naive.losses[step]:.4g}, gradient norm {r.naive.grad_norms[step]:.4g}).",
             ]
+        lines += ["", "**`stablejax.debug.lint`** before training, naive loss:", "", "```",
+                  str(r.lint_naive), "```", "", "fixed loss:", "", "```", str(r.lint_fixed),
+                  "```"]
         if r.report is not None:
             lines += ["", "**`stablejax.debug.locate`**:", "", "```", str(r.report), "```"]
             text = source_line(r.report)

@@ -1,4 +1,4 @@
-"""Runs the demo's scenarios: the naive run, ``locate`` on its bad step, the fixed run.
+"""Runs the demo's scenarios: ``lint`` on both losses, the naive run, ``locate``, the fixed run.
 
 Everything the demo shows on the console is printed here with ``rich``; the
 files it writes are produced by :mod:`stablejax._src.demo.report` and
@@ -21,10 +21,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from stablejax._src.debug.lint import lint
 from stablejax._src.debug.locate import locate
 from stablejax._src.debug.report import Report
+from stablejax._src.debug.risk import Risks
 from stablejax._src.demo.scenarios import SCENARIOS, Scenario
-from stablejax._src.demo.train import Batch, Run, RunLog
+from stablejax._src.demo.train import Batch, Recipe, Run, RunLog
 
 
 @dataclasses.dataclass
@@ -39,6 +41,9 @@ class ScenarioResult:
       report: ``locate``'s report on the naive run's bad step, if it had one.
       locate_seconds: wall time of ``locate``.
       seconds: wall time of the whole scenario, compilation included.
+      lint_naive: ``lint`` of ``value_and_grad`` of the naive loss, before training.
+      lint_fixed: the same for the fixed loss.
+      lint_seconds: wall time of both ``lint`` calls.
     """
 
     scenario: Scenario
@@ -48,6 +53,9 @@ class ScenarioResult:
     report: Report | None
     locate_seconds: float
     seconds: float
+    lint_naive: Risks = dataclasses.field(default_factory=Risks)
+    lint_fixed: Risks = dataclasses.field(default_factory=Risks)
+    lint_seconds: float = 0.0
 
     @property
     def category_ok(self) -> bool:
@@ -55,9 +63,15 @@ class ScenarioResult:
         return self.report is not None and self.report.category == self.scenario.expected_category
 
     @property
+    def lint_ok(self) -> bool:
+        """``lint`` flags the naive loss (high) exactly when the cause is in the code, and
+        finds nothing high in the fixed one."""
+        return bool(self.lint_naive.high) == self.scenario.in_code and not self.lint_fixed.high
+
+    @property
     def ok(self) -> bool:
-        """Naive run went non-finite, locate got it right, the fixed run finished finite."""
-        return self.naive.nonfinite_step is not None and self.category_ok and (
+        """Naive run went non-finite, locate and lint got it right, the fixed run finished."""
+        return self.naive.nonfinite_step is not None and self.category_ok and self.lint_ok and (
             self.fixed.finished_finite and self.fixed.steps_run == self.steps
         )
 
@@ -143,12 +157,43 @@ def report_panel(report: Report) -> Panel:
     return Panel(table, title="stablejax.debug.locate", border_style="magenta", expand=False)
 
 
+def _spec(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def lint_recipe(recipe: Recipe, batch: Batch) -> Risks:
+    """``lint`` of ``value_and_grad(recipe.loss_fn)`` on the shapes of the params and a batch."""
+    fn = jax.value_and_grad(recipe.loss_fn)
+    return lint(fn)(_spec(recipe.params), _spec(batch))
+
+
+def lint_line(risks: Risks) -> Text:
+    """One line per high risk: ``high sqrt backward zoo.py:71 MeanStdPool_0 -> fix``."""
+    if not risks.high:
+        low = f" ({len(risks)} low)" if risks else ""
+        return Text(f"no high-severity risk{low}", style="green")
+    text = Text()
+    for i, r in enumerate(risks.high):
+        text.append("\n" if i else "")
+        text.append(f"high {r.primitive} {r.phase} ", style="bold red")
+        text.append(f"{r.source or '-'} {r.module or ''} ")
+        text.append(f"-> {r.suggestion}", style="green")
+    return text
+
+
 def run_scenario(scenario: Scenario, steps: int, console: Console) -> ScenarioResult:
-    """Runs one scenario and prints its progress and ``locate`` report."""
+    """Runs one scenario and prints ``lint``'s findings, its progress and ``locate``'s report."""
     start = time.perf_counter()
     console.rule(f"[bold]{escape(scenario.title)}[/bold]  ({scenario.name})")
     console.print(Text("cause: ", style="dim") + Text(scenario.cause))
     batches, naive_recipe, fixed_recipe = scenario.build(steps)
+    t = time.perf_counter()
+    lint_naive = lint_recipe(naive_recipe, batches[0])
+    lint_fixed = lint_recipe(fixed_recipe, batches[0])
+    lint_seconds = time.perf_counter() - t
+    console.print(Text("lint, before training, naive loss: ", style="dim") + lint_line(lint_naive))
+    console.print(Text("lint, fixed loss: ", style="dim") + lint_line(lint_fixed))
+    # stablejax.harden (issue 13, point 2) goes here: the naive loss hardened, trained too.
     naive_run = Run.build(naive_recipe)
     naive, culprit = _train(naive_run, batches, "naive", True, console)
     report, locate_seconds = None, 0.0
@@ -182,15 +227,21 @@ def run_scenario(scenario: Scenario, steps: int, console: Console) -> ScenarioRe
     console.print(Text("fix: ", style="dim") + Text(scenario.fix))
     fixed, _ = _train(Run.build(fixed_recipe), batches, "fixed", False, console)
     return ScenarioResult(
-        scenario, steps, naive, fixed, report, locate_seconds, time.perf_counter() - start
+        scenario, steps, naive, fixed, report, locate_seconds, time.perf_counter() - start,
+        lint_naive, lint_fixed, lint_seconds,
     )
 
 
 def summary_table(results: Sequence[ScenarioResult], wall_seconds: float) -> Table:
-    """The rich summary table printed at the end of the demo."""
+    """The rich summary table printed at the end of the demo.
+
+    The ``lint`` column counts high-severity risks in the naive/fixed loss, marked
+    ✓ when the naive one is flagged exactly when the cause is in the code.
+    """
     table = Table(title=f"stablejax demo: {len(results)} scenario(s) in {wall_seconds:.1f} s")
     for col, justify, wrap in (
-        ("scenario", "left", False), ("naive", "right", False),
+        ("scenario", "left", False), ("lint", "left", False),
+        ("naive", "right", False),
         ("locate: op, phase, module", "left", True), ("category", "left", False),
         ("fix", "left", False), ("fixed loss", "right", False), ("skips", "right", False),
     ):
@@ -203,8 +254,11 @@ def summary_table(results: Sequence[ScenarioResult], wall_seconds: float) -> Tab
         cat = "-" if rep is None else rep.category
         mark = "[green]✓[/green] " if r.category_ok else "[red]✗[/red] "
         fixed_style = "green" if r.fixed.finished_finite else "red"
+        lint_mark = "[green]✓[/green] " if r.lint_ok else "[red]✗[/red] "
         table.add_row(
             r.scenario.name,
+            Text.from_markup(lint_mark)
+            + Text(f"{len(r.lint_naive.high)}/{len(r.lint_fixed.high)}"),
             "-" if r.naive.nonfinite_step is None else f"step {r.naive.nonfinite_step}",
             Text(where),
             Text.from_markup(mark) + Text(cat),

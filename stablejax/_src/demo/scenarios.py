@@ -35,6 +35,8 @@ class Scenario:
       short_fix: the fix in a few words, for the summary table.
       expected_category: the category ``locate`` should give.
       build: ``build(steps) -> (batches, naive recipe, fixed recipe)``.
+      in_code: whether the cause is in the code, so that ``lint`` should flag the
+        naive loss before any run (not for bad data or a learning-rate explosion).
     """
 
     name: str
@@ -44,6 +46,7 @@ class Scenario:
     short_fix: str
     expected_category: str
     build: Callable[[int], tuple[list[Batch], Recipe, Recipe]]
+    in_code: bool = True
 
 
 def _init(model, batch: Batch, key: str) -> dict:
@@ -189,6 +192,7 @@ SCENARIOS: dict[str, Scenario] = {
             "guard + clip",
             "grad_explosion",
             _explosion,
+            in_code=False,
         ),
         Scenario(
             "zero_norm",
@@ -227,6 +231,7 @@ SCENARIOS: dict[str, Scenario] = {
             "guard skips it",
             "bad_input",
             _nan_batch,
+            in_code=False,
         ),
         Scenario(
             "fp16_overflow",
