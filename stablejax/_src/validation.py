@@ -114,7 +114,7 @@ def check_nonnegative(name: str, value: float, where: str, example: float | None
             hint = f"Use {name}=0.0 for the exact formula or a small positive value such as 1e-6."
         else:
             hint = f"Use e.g. {name}={example!r}."
-        raise ValueError(f"{where}: `{name}` must be finite and >= 0, got {value!r}. {hint}")
+        raise ValueError(f"{where}: `{name}` must be finite and >= 0, got {name}={value!r}. {hint}")
     return value
 
 
@@ -128,7 +128,8 @@ def check_positive(name: str, value: float, where: str, example: float = 1e-3):
         return value
     if not np.isfinite(value) or value <= 0:
         raise ValueError(
-            f"{where}: `{name}` must be finite and > 0, got {value!r}. Use e.g. {name}={example!r}."
+            f"{where}: `{name}` must be finite and > 0, got {name}={value!r}. "
+            f"Use e.g. {name}={example!r}."
         )
     return value
 
@@ -144,7 +145,8 @@ def check_unit_interval(
     if not (np.isfinite(value) and low_ok and value < 1):
         interval = "[0, 1)" if allow_zero else "(0, 1)"
         raise ValueError(
-            f"{where}: `{name}` must be in {interval}, got {value!r}. Use e.g. {name}={example!r}."
+            f"{where}: `{name}` must be in {interval}, got {name}={value!r}. "
+            f"Use e.g. {name}={example!r}."
         )
     return value
 
@@ -156,7 +158,8 @@ def check_fraction(name: str, value: float, where: str, example: float = 0.5):
         return value
     if not (np.isfinite(value) and 0 < value <= 1):
         raise ValueError(
-            f"{where}: `{name}` must be in (0, 1], got {value!r}. Use e.g. {name}={example!r}."
+            f"{where}: `{name}` must be in (0, 1], got {name}={value!r}. "
+            f"Use e.g. {name}={example!r}."
         )
     return value
 
@@ -164,7 +167,8 @@ def check_fraction(name: str, value: float, where: str, example: float = 0.5):
 def check_count(name: str, value: int, where: str, minimum: int = 0) -> int:
     """Raises ``ValueError`` unless ``value`` is an integer ``>= minimum``.
 
-    Python, numpy and concrete jax integers are accepted and returned as ``int``.
+    Python, numpy and jax integers are accepted and returned as ``int`` (a
+    traced jax value, which cannot be checked, is returned as is).
     """
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{where}: `{name}` must be an int, got {value!r}.")
@@ -174,15 +178,12 @@ def check_count(name: str, value: int, where: str, minimum: int = 0) -> int:
         int_array and getattr(value, "shape", None) == ()
     ):
         raise TypeError(f"{where}: `{name}` must be an int, got {value!r}.")
-    try:
-        value = operator.index(value)
-    except TypeError:  # a traced jax integer
-        raise TypeError(
-            f"{where}: `{name}` must be a concrete int, not a traced value; pass a Python int."
-        ) from None
+    if _traced(value):  # optax.inject_hyperparams traces every numeric setting
+        return value
+    value = operator.index(value)
     if value < minimum:
         raise ValueError(
-            f"{where}: `{name}` must be >= {minimum}, got {value!r}. "
+            f"{where}: `{name}` must be >= {minimum}, got {name}={value!r}. "
             f"Use e.g. {name}={max(minimum, 1)}."
         )
     return value

@@ -360,7 +360,8 @@ def adaptive_clip(
         alpha = jnp.maximum(1.0 / count.astype(jnp.float32), 1.0 - decay)
         delta = clipped - state.mean
         mean = state.mean + alpha * delta
-        var = jnp.minimum((1.0 - alpha) * (state.var + alpha * jnp.square(delta)), f32_max)
+        sq = jnp.minimum(jnp.square(delta), f32_max)  # or 0 * Inf = NaN at alpha = 1
+        var = (1.0 - alpha) * jnp.minimum(state.var + alpha * sq, f32_max)
         f32 = lambda v: jnp.asarray(v).astype(jnp.float32)
         new = AdaptiveClipState(
             count=jnp.where(enter, count, state.count),

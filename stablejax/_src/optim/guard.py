@@ -414,13 +414,15 @@ def guard(
         alpha = jnp.maximum(1.0 / count.astype(jnp.float32), 1.0 - stats_decay)
         delta = stat_norm - state.norm_mean
         mean = jnp.where(enter, state.norm_mean + alpha * delta, state.norm_mean)
-        var = (1.0 - alpha) * (state.norm_var + alpha * delta**2)
-        var = jnp.where(enter, jnp.minimum(var, f32_max), state.norm_var)
+        # Clamped before the product, or 0 * Inf would make a NaN at alpha = 1.
+        sq = lambda d: jnp.minimum(d**2, f32_max)
+        var = (1.0 - alpha) * jnp.minimum(state.norm_var + alpha * sq(delta), f32_max)
+        var = jnp.where(enter, var, state.norm_var)
         count = jnp.where(enter, count, state.norm_count)
         ldelta = loss_value - state.loss_mean
-        lvar = (1.0 - alpha) * (state.loss_var + alpha * ldelta**2)
+        lvar = (1.0 - alpha) * jnp.minimum(state.loss_var + alpha * sq(ldelta), f32_max)
         lmean = jnp.where(skip, state.loss_mean, state.loss_mean + alpha * ldelta)
-        lvar = jnp.where(skip, state.loss_var, jnp.minimum(lvar, f32_max))
+        lvar = jnp.where(skip, state.loss_var, lvar)
         lmean = jnp.clip(lmean, -f32_max, f32_max)
         # A run of spike refusals: the level moved, restart the statistics.
         spike_only = skip & spike & ~state.halted
