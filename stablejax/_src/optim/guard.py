@@ -155,7 +155,8 @@ def guard(
     also replaced by 0 in the loop that writes it, at no cost, so no NaN or Inf
     ever leaves the guard. No NaN or Inf is stored in the guard's state either.
 
-    After ``max_consecutive_skips`` refused steps in a row: ``'halt'`` sets
+    After ``max_consecutive_skips`` refused steps in a row, on a step refused as
+    non-finite (a run of spikes re-baselines instead, see above): ``'halt'`` sets
     ``halted`` and refuses every later step (``optax.apply_if_finite`` instead
     applies the NaN update, writing NaN into Adam's moments); ``'reset'``
     re-initialises the inner state with ``inner.init(params)`` (the gradient as

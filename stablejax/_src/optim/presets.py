@@ -117,9 +117,9 @@ def stable_adamw(
       every 50 in a row Adam's moments and the norm statistics restart, which
       costs nothing when the data is bad anyway) and training carries on when
       the data is healthy again. ``'halt'`` would stop the run for good, which
-      is the wrong default for a user who wants the run to finish; a stale norm
-      history that refuses a legitimately larger gradient is also cleared by
-      the reset.
+      is the wrong default for a user who wants the run to finish. A stale norm
+      history that refuses a legitimately larger gradient is cleared sooner,
+      by the guard's re-baseline after ``spike_warmup`` spike refusals.
     * **lr_backoff=None**: backing off the rate after a skip answers instability
       caused by the rate, but in practice most skips are bad data, where a
       smaller rate only slows training; in the fault example a single NaN batch
