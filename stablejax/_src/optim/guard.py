@@ -350,7 +350,7 @@ def guard(
         check = check_updates
         if check is None:
             check = any(
-                jnp.asarray(x).dtype == jnp.float16
+                getattr(x, "dtype", None) == jnp.float16
                 for x in leaves + jax.tree.leaves(params) + old_leaves
             )
         bad_update = jnp.asarray(False)
