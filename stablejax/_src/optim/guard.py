@@ -152,7 +152,11 @@ def guard(
     sum of squares is finite into a non-finite update (unless built with
     ``eps=0``). Everywhere any non-finite element of an accepted update is
     also replaced by 0 in the loop that writes it, at no cost, so no NaN or Inf
-    ever leaves the guard. No NaN or Inf is stored in the guard's state either.
+    ever leaves the guard. No NaN or Inf is stored in the guard's own fields
+    either; where the inner output is not checked, the inner state can still take
+    a NaN the inner chain made itself (an all-reduce inside the chain spreading
+    another replica's NaN when ``axis_name`` is not set): pass
+    ``check_updates=True`` to refuse such steps too.
 
     After ``max_consecutive_skips`` refused steps in a row, on a step refused as
     non-finite (a run of spikes re-baselines instead, see above): ``'halt'`` sets
