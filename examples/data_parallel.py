@@ -13,7 +13,9 @@ here, set with ``--xla_force_host_platform_device_count=8``):
    the guarded chain. ``guard(..., axis_name="data")`` sums the finiteness and
    norm statistics over the axis, so all 8 devices take the same decision. The
    same run without ``axis_name`` shows why it matters: the device that holds
-   the NaN skips, the 7 others apply the NaN it spread through ``pmean``.
+   the NaN skips, the 7 others take the NaN it spread through ``pmean`` into
+   Adam's moments (the guard zeroes their non-finite updates, so their
+   parameters stay finite, but those moments are poisoned for good).
 
 Run: ``python examples/data_parallel.py`` (``--quick`` for a short run).
 """
@@ -182,6 +184,9 @@ def train_with_shard_map(
         "skips_per_device": [int(s) for s in np.asarray(skips)],
         "replicas_identical": all(_same(r, per_device[0]) for r in per_device),
         "params_finite_per_device": [_finite(r) for r in per_device],
+        "opt_state_finite_per_device": [
+            _finite(jax.tree.map(lambda x, i=i: x[i], opt_states)) for i in range(N_DEVICES)
+        ],
         "params_finite": _finite(replicas),
     }
 
@@ -228,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         mesh, model, params, batches, None
     )
     print(f"shard_map + guard() without axis_name, at step {r['steps_run'] - 1}: skips per "
-          f"device {r['skips_per_device']}, finite replicas {r['params_finite_per_device']}")
+          f"device {r['skips_per_device']}, finite replicas {r['params_finite_per_device']}, "
+          f"finite Adam moments {r['opt_state_finite_per_device']}")
     return result
 
 

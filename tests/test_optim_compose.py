@@ -116,6 +116,10 @@ def nondefault_state():
         first_nonfinite_leaf=jnp.int32(1),
         loss_mean=jnp.float32(1.5),
         loss_var=jnp.float32(0.25),
+        skipped_nonfinite_update=jnp.int32(2),
+        grad_norm_finite=jnp.asarray(False),
+        spike_run=jnp.int32(3),
+        rebaselines=jnp.int32(1),
     )
     for name, value in state._asdict().items():
         if name != "inner_state":

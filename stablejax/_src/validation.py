@@ -8,8 +8,10 @@ never later as a NaN under ``jit``.
 from __future__ import annotations
 
 import numbers
+import operator
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -79,37 +81,155 @@ def broadcast_mask(mask: ArrayLike | None, shape: tuple[int, ...], where: str):
         ) from None
 
 
-def check_nonnegative(name: str, value: float, where: str) -> float:
-    """Raises ``ValueError`` unless ``value`` is a finite, non-negative real number.
+def _real_scalar(name: str, value, where: str):
+    """Returns ``value`` as a Python float, or as is when it is traced.
 
-    Python, numpy and concrete 0-d jax scalars (``jnp.float32(1e-6)``) are accepted.
+    Accepts Python, numpy and jax real scalars (0-d arrays), as optax does:
+    ``optax.inject_hyperparams`` passes jax arrays, traced inside ``jit``. A
+    traced value cannot be checked in Python; it is returned unchanged.
     """
-    value = real_scalar(name, value, where)
-    if not np.isfinite(value) or value < 0:
-        raise ValueError(
-            f"{where}: `{name}` must be finite and >= 0, got {value!r}. "
-            f"Use {name}=0.0 for the exact formula or a small positive value such as 1e-6."
+    if isinstance(value, bool) or isinstance(value, np.bool_):
+        raise TypeError(f"{where}: `{name}` must be a real number, got {value!r}.")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    dtype = getattr(value, "dtype", None)
+    shape = getattr(value, "shape", None)
+    if dtype is None or shape is None:
+        raise TypeError(f"{where}: `{name}` must be a real number, got {value!r}.")
+    if shape != () or not (
+        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+    ):
+        raise TypeError(
+            f"{where}: `{name}` must be a real scalar, got an array of shape {shape} and "
+            f"dtype {dtype}."
         )
+    if isinstance(value, jax.core.Tracer):
+        return value
     return float(value)
 
 
-def real_scalar(name: str, value, where: str) -> float:
-    """Returns ``value`` as a Python float: a real Python, numpy or concrete 0-d jax scalar."""
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{where}: `{name}` must be a real number, got {value!r}.")
-    if isinstance(value, numbers.Real):
+def _traced(value) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def check_nonnegative(name: str, value: float, where: str, example: float | None = None):
+    """Raises ``ValueError`` unless ``value`` is a finite, non-negative real scalar.
+
+    Python, numpy and jax scalars are accepted; the value is returned as a float
+    (a traced jax value, which cannot be checked, is returned as is). The error
+    proposes ``example`` (which must itself pass), by default 0.0.
+    """
+    value = _real_scalar(name, value, where)
+    if _traced(value):
         return value
+    if not np.isfinite(value) or value < 0:
+        if example is None:
+            hint = f"Use {name}=0.0 for the exact formula or a small positive value such as 1e-6."
+        else:
+            hint = f"Use e.g. {name}={example!r}."
+        raise ValueError(f"{where}: `{name}` must be finite and >= 0, got {name}={value!r}. {hint}")
+    return value
+
+
+def check_positive(name: str, value: float, where: str, example: float = 1e-3):
+    """Raises ``ValueError`` unless ``value`` is a finite, strictly positive real scalar.
+
+    The error proposes ``example`` (which must itself pass).
+    """
+    value = _real_scalar(name, value, where)
+    if _traced(value):
+        return value
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"{where}: `{name}` must be finite and > 0, got {name}={value!r}. "
+            f"Use e.g. {name}={example!r}."
+        )
+    return value
+
+
+def check_unit_interval(
+    name: str, value: float, where: str, example: float = 0.5, allow_zero: bool = False
+):
+    """Raises ``ValueError`` unless ``0 < value < 1`` (``0 <= value < 1`` with ``allow_zero``)."""
+    value = _real_scalar(name, value, where)
+    if _traced(value):
+        return value
+    low_ok = value >= 0 if allow_zero else value > 0
+    if not (np.isfinite(value) and low_ok and value < 1):
+        interval = "[0, 1)" if allow_zero else "(0, 1)"
+        raise ValueError(
+            f"{where}: `{name}` must be in {interval}, got {name}={value!r}. "
+            f"Use e.g. {name}={example!r}."
+        )
+    return value
+
+
+def check_fraction(name: str, value: float, where: str, example: float = 0.5):
+    """Raises ``ValueError`` unless ``0 < value <= 1``."""
+    value = _real_scalar(name, value, where)
+    if _traced(value):
+        return value
+    if not (np.isfinite(value) and 0 < value <= 1):
+        raise ValueError(
+            f"{where}: `{name}` must be in (0, 1], got {name}={value!r}. "
+            f"Use e.g. {name}={example!r}."
+        )
+    return value
+
+
+def check_count(name: str, value: int, where: str, minimum: int = 0) -> int:
+    """Raises ``ValueError`` unless ``value`` is an integer ``>= minimum``.
+
+    Python, numpy and jax integers are accepted and returned as ``int`` (a
+    traced jax value, which cannot be checked, is returned as is).
+    """
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{where}: `{name}` must be an int, got {value!r}.")
     dtype = getattr(value, "dtype", None)
-    if getattr(value, "shape", None) == () and dtype is not None and (
-            jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
-        try:
-            return float(value)
-        except Exception:  # a tracer: the value is not known when the module is built
-            raise TypeError(
-                f"{where}: `{name}` must be a concrete number, got the traced value {value!r}; "
-                f"pass it as a Python float, e.g. {name}=1e-6."
-            ) from None
-    raise TypeError(f"{where}: `{name}` must be a real number, got {value!r}.")
+    int_array = dtype is not None and jnp.issubdtype(dtype, jnp.integer)
+    if not isinstance(value, numbers.Integral) and not (
+        int_array and getattr(value, "shape", None) == ()
+    ):
+        raise TypeError(f"{where}: `{name}` must be an int, got {value!r}.")
+    if _traced(value):  # optax.inject_hyperparams traces every numeric setting
+        return value
+    value = operator.index(value)
+    if value < minimum:
+        raise ValueError(
+            f"{where}: `{name}` must be >= {minimum}, got {name}={value!r}. "
+            f"Use e.g. {name}={max(minimum, 1)}."
+        )
+    return value
+
+
+def check_axis_name(axis_name, where: str):
+    """Raises ``TypeError`` unless ``axis_name`` is None, a str or a tuple of str."""
+    ok = axis_name is None or isinstance(axis_name, str)
+    if isinstance(axis_name, tuple):
+        ok = len(axis_name) > 0 and all(isinstance(a, str) for a in axis_name)
+    if not ok:
+        raise TypeError(
+            f"{where}: `axis_name` must be None, the name of a shard_map/pmap axis (a str) or a "
+            f"tuple of names, got {axis_name!r}. Use e.g. axis_name='data' (the name given to "
+            "the mesh axis), or None outside shard_map/pmap."
+        )
+    return axis_name
+
+
+def check_transformation(inner, where: str):
+    """Raises ``TypeError`` unless ``inner`` looks like an optax GradientTransformation."""
+    if callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None)):
+        return inner
+    name = getattr(inner, "__name__", None)
+    if callable(inner) and name is not None:
+        raise TypeError(
+            f"{where}: expected an optax GradientTransformation, got the function {name!r}; "
+            f"call it first, e.g. {name}(1e-3) instead of {name}."
+        )
+    raise TypeError(
+        f"{where}: expected an optax GradientTransformation (with `init` and `update`), "
+        f"got {inner!r}."
+    )
 
 
 def check_keepdims(value, where: str) -> bool:
@@ -117,38 +237,3 @@ def check_keepdims(value, where: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{where}: keepdims must be True or False, got {value!r}.")
     return bool(value)
-
-
-def check_positive(name: str, value: float, where: str) -> float:
-    """Raises ``ValueError`` unless ``value`` is a finite, strictly positive Python number."""
-    check_nonnegative(name, value, where)
-    if value == 0:
-        raise ValueError(f"{where}: `{name}` must be > 0, got {value!r}.")
-    return float(value)
-
-
-def check_unit_interval(name: str, value: float, where: str) -> float:
-    """Raises ``ValueError`` unless ``0 < value < 1``."""
-    check_positive(name, value, where)
-    if value >= 1:
-        raise ValueError(f"{where}: `{name}` must be in (0, 1), got {value!r}; e.g. {name}=0.5.")
-    return float(value)
-
-
-def check_fraction(name: str, value: float, where: str) -> float:
-    """Raises ``ValueError`` unless ``0 < value <= 1``."""
-    check_positive(name, value, where)
-    if value > 1:
-        raise ValueError(f"{where}: `{name}` must be in (0, 1], got {value!r}.")
-    return float(value)
-
-
-def check_count(name: str, value: int, where: str, minimum: int = 0) -> int:
-    """Raises ``ValueError`` unless ``value`` is an int ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{where}: `{name}` must be an int, got {value!r}.")
-    if value < minimum:
-        raise ValueError(
-            f"{where}: `{name}` must be >= {minimum}, got {value!r}; e.g. {name}={max(minimum, 1)}."
-        )
-    return value

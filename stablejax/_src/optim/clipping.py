@@ -26,20 +26,31 @@ _WHERE_CLIP = "stablejax.optim.clip_by_global_norm"
 _WHERE_ADAPTIVE = "stablejax.optim.adaptive_clip"
 
 
-def leaf_sumsq(leaves: Sequence[Any]) -> Array:
-    """Returns the float32 sum of squares of each leaf, stacked into one vector.
+def _acc_dtype(dtype: Any) -> Any:
+    """float64 for float64/complex128 leaves (x64 mode), float32 for every other dtype."""
+    dtype = jnp.dtype(dtype)
+    if dtype in (jnp.dtype(jnp.float64), jnp.dtype(jnp.complex128)):
+        return jnp.float64
+    return jnp.float32
 
-    A leaf's entry is non-finite iff the leaf holds a NaN or Inf, or its sum of
-    squares overflows float32 (entries beyond about 1e19). Non-float leaves
-    (integer or ``float0`` gradients) contribute 0.
+
+def leaf_sumsq(leaves: Sequence[Any]) -> Array:
+    """Returns the sum of squares of each leaf, in float32 (float64 for float64 leaves).
+
+    float16 and bfloat16 leaves are squared in float32, so their norm never
+    overflows the gradient's own dtype. A leaf's entry is non-finite iff the
+    leaf holds a NaN or Inf, or its sum of squares overflows the accumulation
+    dtype (float32: entries beyond about 1.8e19). Non-float leaves (integer or
+    ``float0`` gradients) and zero-size leaves contribute 0.
     """
     out = []
     for x in leaves:
         x = jnp.asarray(x)
         if jnp.issubdtype(x.dtype, jnp.complexfloating):
-            out.append(jnp.sum(jnp.square(jnp.abs(x)).astype(jnp.float32)))
+            acc = _acc_dtype(x.dtype)
+            out.append(jnp.sum(jnp.square(jnp.abs(x).astype(acc))))
         elif jnp.issubdtype(x.dtype, jnp.floating):
-            out.append(jnp.sum(jnp.square(x.astype(jnp.float32))))
+            out.append(jnp.sum(jnp.square(x.astype(_acc_dtype(x.dtype)))))
         else:
             out.append(jnp.zeros([], jnp.float32))
     if not out:
@@ -127,10 +138,20 @@ def clip_to(
     the result of any non-finite step) only the finite path is built.
     """
     leaves, treedef = jax.tree.flatten(updates)
-    floats = [x for x in leaves if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    floats = [
+        x for x in leaves if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact) and jnp.size(x) > 0
+    ]
     if not floats:
         return updates
-    threshold = jnp.asarray(threshold, jnp.float32)
+    acc = jnp.result_type(norm)  # float32, or float64 for float64 leaves under x64
+    norm = jnp.asarray(norm, acc)
+    threshold = jnp.asarray(threshold, acc)
+
+    def wide(x):
+        # The arithmetic of the clip runs in the norm's dtype (at least float32):
+        # in float16 a norm of 94,868 is Inf and c / norm underflows.
+        return jnp.promote_types(jnp.asarray(x).dtype, acc)
+
     scale = jnp.where(norm > threshold, threshold / jnp.where(norm > 0, norm, 1.0), 1.0)
     if guarded:
         # (x / n) * c rather than x * (c / n): XLA materialises the divide once
@@ -139,7 +160,8 @@ def clip_to(
         def guarded_one(x):
             if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact):
                 return x
-            clipped = (x / norm.astype(x.dtype)) * threshold.astype(x.dtype)
+            w = wide(x)
+            clipped = ((x.astype(w) / norm.astype(w)) * threshold.astype(w)).astype(x.dtype)
             return jnp.where(norm > threshold, clipped, x)
 
         return jax.tree.map(guarded_one, updates)
@@ -148,28 +170,29 @@ def clip_to(
     redmax = (lambda v: lax.pmax(v, axis_name)) if axis_name else (lambda v: v)
 
     def slow_scalars(floats):
-        n_nan = red(sum(jnp.sum(jnp.isnan(x)).astype(jnp.float32) for x in floats))
-        n_inf = red(sum(jnp.sum(jnp.isinf(x)).astype(jnp.float32) for x in floats))
-        big = redmax(jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(jnp.float32) for x in floats])))
+        n_nan = red(sum(jnp.sum(jnp.isnan(x)).astype(acc) for x in floats))
+        n_inf = red(sum(jnp.sum(jnp.isinf(x)).astype(acc) for x in floats))
+        big = redmax(jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(acc) for x in floats])))
         big = jnp.where(jnp.isfinite(big) & (big > 0), big, 1.0)
-        scaled_sq = red(sum(jnp.sum(jnp.square(x.astype(jnp.float32) / big)) for x in floats))
-        return jnp.stack([n_nan, n_inf, big, jnp.sqrt(scaled_sq)])
+        scaled_sq = red(sum(jnp.sum(jnp.square(jnp.abs(x).astype(acc) / big)) for x in floats))
+        return jnp.stack([n_nan, n_inf, big, jnp.sqrt(scaled_sq)]).astype(acc)
 
     finite = jnp.isfinite(norm)
     n_nan, n_inf, big, norm_over_big = lax.cond(
-        finite, lambda f: jnp.array([0.0, 0.0, 1.0, 1.0]), slow_scalars, floats
+        finite, lambda f: jnp.array([0.0, 0.0, 1.0, 1.0], acc), slow_scalars, floats
     )
     passthrough = (n_nan > 0) | ~jnp.isfinite(threshold)
     inf_scale = threshold / jnp.sqrt(jnp.maximum(n_inf, 1.0))
     overflow_scale = jnp.minimum(threshold / norm_over_big, big)
 
     def one(x):
-        if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact):
+        if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact) or jnp.size(x) == 0:
             return x
-        fast = x * scale.astype(x.dtype)
-        xf = x.astype(jnp.float32)
-        inf_dir = jnp.where(jnp.isinf(xf), jnp.sign(xf), 0.0) * inf_scale
-        slow = jnp.where(n_inf > 0, inf_dir, xf / big * overflow_scale)
+        w = wide(x)
+        fast = (x.astype(w) * scale.astype(w)).astype(x.dtype)
+        xf = x.astype(w)
+        inf_dir = jnp.where(jnp.isinf(xf), jnp.sign(xf), 0.0) * inf_scale.astype(w)
+        slow = jnp.where(n_inf > 0, inf_dir, xf / big.astype(w) * overflow_scale.astype(w))
         slow = jnp.where(passthrough, xf, slow).astype(x.dtype)
         return jnp.where(finite, fast, slow)
 
@@ -214,7 +237,8 @@ def clip_by_global_norm(
       >>> u.tolist()
       [0.0, 1.0, 0.0]
     """
-    max_norm = validation.check_nonnegative("max_norm", max_norm, _WHERE_CLIP)
+    max_norm = validation.check_nonnegative("max_norm", max_norm, _WHERE_CLIP, example=1.0)
+    validation.check_axis_name(axis_name, _WHERE_CLIP)
 
     def init_fn(params):
         del params
@@ -235,9 +259,11 @@ class AdaptiveClipState(NamedTuple):
       count: finite steps seen (int32).
       mean: EMA of the (clipped) global norm (float32).
       var: EMA of its variance (float32).
-      last_norm: global norm of the latest gradient, before clipping (float32).
-      last_threshold: the threshold applied at the latest step (float32, ``inf``
-        during warm-up).
+      last_norm: global norm of the latest gradient, before clipping (float32);
+        0 when it was not finite (see ``last_finite``): no NaN or Inf is stored.
+      last_threshold: the threshold applied at the latest step (float32); the
+        largest float32 when nothing was clipped (warm-up, or no outlier).
+      last_finite: whether the latest gradient's norm was finite (bool).
     """
 
     count: Array
@@ -245,6 +271,7 @@ class AdaptiveClipState(NamedTuple):
     var: Array
     last_norm: Array
     last_threshold: Array
+    last_finite: Array
 
 
 def adaptive_clip(
@@ -273,7 +300,12 @@ def adaptive_clip(
     clipped. A step with a non-finite norm leaves the statistics untouched and
     is handled as in :func:`clip_by_global_norm` at the current threshold.
     :math:`\\sigma` is floored at :math:`0.01\\mu` so a constant history does not
-    clip every increase.
+    clip every increase. A step with a zero norm (a frozen or fully masked
+    phase) is clipped at the current threshold but not entered into the
+    statistics, so such a phase cannot collapse them to a zero mean and spread
+    (which would clip every later gradient to 0); with no spread at all
+    (:math:`\\sigma = 0`) nothing is clipped. The statistics and the telemetry
+    in the state are always finite.
 
     Args:
       z_threshold: z-score above which a norm is clipped (> 0).
@@ -292,14 +324,20 @@ def adaptive_clip(
       Kumar et al., "ZClip: Adaptive Spike Mitigation for LLM Pre-Training",
       arXiv:2504.02507, 2025.
     """
-    z_threshold = validation.check_positive("z_threshold", z_threshold, _WHERE_ADAPTIVE)
-    validation.check_unit_interval("decay", decay, _WHERE_ADAPTIVE)
-    validation.check_count("warmup_steps", warmup_steps, _WHERE_ADAPTIVE, minimum=1)
+    z_threshold = validation.check_positive(
+        "z_threshold", z_threshold, _WHERE_ADAPTIVE, example=2.5
+    )
+    decay = validation.check_unit_interval("decay", decay, _WHERE_ADAPTIVE, example=0.97)
+    warmup_steps = validation.check_count("warmup_steps", warmup_steps, _WHERE_ADAPTIVE, minimum=1)
+    validation.check_axis_name(axis_name, _WHERE_ADAPTIVE)
+    f32_max = float(jnp.finfo(jnp.float32).max)
 
     def init_fn(params):
         del params
         f = lambda v: jnp.asarray(v, jnp.float32)
-        return AdaptiveClipState(jnp.zeros([], jnp.int32), f(0.0), f(0.0), f(0.0), f(jnp.inf))
+        return AdaptiveClipState(
+            jnp.zeros([], jnp.int32), f(0.0), f(0.0), f(0.0), f(f32_max), jnp.asarray(True)
+        )
 
     def update_fn(updates, state, params=None):
         del params
@@ -307,7 +345,7 @@ def adaptive_clip(
         std = jnp.maximum(jnp.sqrt(state.var), 0.01 * state.mean)
         z = (norm - state.mean) / jnp.where(std > 0, std, 1.0)
         warm = state.count >= warmup_steps
-        over = warm & (z > z_threshold)
+        over = warm & (z > z_threshold) & (std > 0)
         safe_z = jnp.where(over, z, 1.0)
         threshold = jnp.where(over, state.mean + z_threshold**2 / safe_z * std, jnp.inf)
         # A non-finite norm has no z-score; clip it at the plain z_threshold bound.
@@ -315,18 +353,25 @@ def adaptive_clip(
         threshold = jnp.where(jnp.isfinite(norm), threshold, bound)
         out = clip_to(updates, norm, threshold, axis_name, guarded)
         finite = jnp.isfinite(norm)
-        clipped = jnp.where(over, threshold, norm)
+        # A zero norm carries no scale: keep it out of the statistics.
+        enter = finite & (norm > 0)
+        clipped = jnp.minimum(jnp.where(over, threshold, norm), f32_max).astype(jnp.float32)
         count = state.count + 1
         alpha = jnp.maximum(1.0 / count.astype(jnp.float32), 1.0 - decay)
         delta = clipped - state.mean
         mean = state.mean + alpha * delta
-        var = (1.0 - alpha) * (state.var + alpha * jnp.square(delta))
+        sq = jnp.minimum(jnp.square(delta), f32_max)  # or 0 * Inf = NaN at alpha = 1
+        var = (1.0 - alpha) * jnp.minimum(state.var + alpha * sq, f32_max)
+        f32 = lambda v: jnp.asarray(v).astype(jnp.float32)
         new = AdaptiveClipState(
-            count=jnp.where(finite, count, state.count),
-            mean=jnp.where(finite, mean, state.mean),
-            var=jnp.where(finite, var, state.var),
-            last_norm=norm,
-            last_threshold=threshold,
+            count=jnp.where(enter, count, state.count),
+            mean=jnp.where(enter, mean, state.mean),
+            var=jnp.where(enter, var, state.var),
+            last_norm=jnp.where(finite, jnp.minimum(f32(norm), f32_max), 0.0),
+            last_threshold=jnp.minimum(
+                jnp.where(jnp.isnan(threshold), f32_max, f32(threshold)), f32_max
+            ),
+            last_finite=finite,
         )
         return out, new
 

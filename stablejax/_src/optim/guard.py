@@ -12,14 +12,13 @@ from __future__ import annotations
 from typing import Any, Literal, NamedTuple
 
 import jax
-import jax.extend.core as jex_core
 import jax.numpy as jnp
 import optax
 from jax import lax
 
 from stablejax._src import validation
-from stablejax._src.jaxpr_bind import bind_equation
 from stablejax._src.optim import clipping
+from stablejax._src.optim.selected_state import update_reading_selected_state
 from stablejax._src.typing import Array
 
 _WHERE = "stablejax.optim.guard"
@@ -37,13 +36,23 @@ class GuardState(NamedTuple):
       steps: updates seen, skipped or not.
       skipped_total: steps whose update was refused (any reason, halted included).
       skipped_nonfinite: steps refused for a non-finite gradient or loss.
+      skipped_nonfinite_update: steps whose gradient and loss were finite but
+        whose update or new inner state, as ``inner`` computed it, was not (a
+        float16 Adam dividing 0 by 0, say); refused like a non-finite gradient.
+        Only counted where the guard checks the inner output (``check_updates``).
       skipped_spike: steps refused because the gradient norm was a spike.
       consecutive: current run of refused steps.
       last_skipped_step: 0-based index of the latest refused step, -1 if none.
       first_nonfinite_leaf: flat index (``jax.tree.leaves`` order) of the first
-        non-finite gradient leaf at the latest non-finite step; -1 if none, or if
-        only the loss was non-finite or the finite squares overflowed.
-      grad_norm: global gradient norm of the latest step (may be NaN/Inf).
+        gradient leaf whose sum of squares was not finite at the latest
+        non-finite step (a NaN or Inf entry, or finite entries whose squares
+        overflow float32); -1 if none, or if only the loss or only the inner
+        output was non-finite.
+      grad_norm: global gradient norm of the latest step when it was finite;
+        0 when it was not (then ``grad_norm_finite`` is False). No NaN or Inf
+        is ever stored; :func:`~stablejax.optim.metrics` reports such a norm
+        as ``+inf``.
+      grad_norm_finite: whether the latest step's gradient norm was finite.
       norm_count: accepted steps in the running statistics (since the last reset).
       norm_mean: running mean of the norm over accepted steps.
       norm_var: running variance of the norm over accepted steps.
@@ -53,6 +62,9 @@ class GuardState(NamedTuple):
       give_ups: times ``max_consecutive_skips`` was reached.
       lr_scale: factor applied to the updates by ``lr_backoff`` (1 without it).
       good_streak: accepted steps since ``lr_scale`` last changed.
+      spike_run: current run of steps refused as spikes only; at
+        ``spike_warmup`` the statistics re-baseline.
+      rebaselines: times a run of spike refusals restarted the statistics.
       inner_state: state of the wrapped transformation.
     """
 
@@ -73,6 +85,10 @@ class GuardState(NamedTuple):
     give_ups: Array
     lr_scale: Array
     good_streak: Array
+    skipped_nonfinite_update: Array
+    grad_norm_finite: Array
+    spike_run: Array
+    rebaselines: Array
     inner_state: Any
 
 
@@ -89,6 +105,7 @@ def guard(
     lr_recovery_steps: int = 50,
     min_lr_scale: float = 1e-2,
     axis_name: str | None = None,
+    check_updates: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps ``inner`` so that a poisoned step changes nothing.
 
@@ -108,12 +125,41 @@ def guard(
     variance for the first :math:`1/(1-\\text{stats\\_decay})` accepted steps,
     then a window of about that many. So one NaN causes exactly one skip.
 
-    The global norm is :math:`\\sqrt{\\sum_\\ell \\sum g_\\ell^2}` in float32. If
-    a finite gradient's squares overflow float32 (entries beyond ~1e19) the norm
-    is Inf and the step counts as non-finite, deliberately: such a step would
-    overflow Adam's second moment anyway.
+    The global norm is :math:`\\sqrt{\\sum_\\ell \\sum g_\\ell^2}` in float32 for
+    every gradient dtype (float16 and bfloat16 are squared in float32; float64
+    leaves, under x64, in float64). If a finite gradient's squares overflow that
+    dtype (float32: entries beyond ~1.8e19) the norm is Inf and the step counts
+    as non-finite, deliberately: such a step would overflow Adam's second
+    moment anyway.
 
-    After ``max_consecutive_skips`` refused steps in a row: ``'halt'`` sets
+    **Spread that cannot collapse.** A step with a zero norm (a frozen or fully
+    masked phase) is applied but not entered into the statistics, so a frozen
+    phase cannot leave :math:`\\mu = \\sigma = 0` behind and make every later
+    step a spike. A run of ``spike_warmup`` steps in a row refused as spikes
+    means the norm's level has changed, not that every step is bad: the
+    statistics re-baseline (restart their warm-up, counted in ``rebaselines``)
+    and a run of spikes never gives up, halts or resets the inner state.
+
+    **What comes out is finite.** Where the guard checks the inner output
+    (``check_updates``), an update or new inner state that ``inner`` made
+    non-finite from a finite gradient (float16 Adam: ``eps=1e-8`` is 0 in
+    float16, so an exactly-zero gradient entry gives 0/0) refuses the step like
+    a non-finite gradient, counted in ``skipped_nonfinite_update``. That check
+    reads the update once more (XLA must write it to memory before deciding),
+    so by default it is on only when a gradient, parameter or inner-state leaf
+    is float16, where finite inputs do overflow or underflow; in float32,
+    bfloat16 and float64 the optax transformations cannot turn a gradient whose
+    sum of squares is finite into a non-finite update (unless built with
+    ``eps=0``). Everywhere any non-finite element of an accepted update is
+    also replaced by 0 in the loop that writes it, at no cost, so no NaN or Inf
+    ever leaves the guard. No NaN or Inf is stored in the guard's own fields
+    either; where the inner output is not checked, the inner state can still take
+    a NaN the inner chain made itself (an all-reduce inside the chain spreading
+    another replica's NaN when ``axis_name`` is not set): pass
+    ``check_updates=True`` to refuse such steps too.
+
+    After ``max_consecutive_skips`` refused steps in a row, on a step refused as
+    non-finite (a run of spikes re-baselines instead, see above): ``'halt'`` sets
     ``halted`` and refuses every later step (``optax.apply_if_finite`` instead
     applies the NaN update, writing NaN into Adam's moments); ``'reset'``
     re-initialises the inner state with ``inner.init(params)`` (the gradient as
@@ -154,12 +200,18 @@ def guard(
         sums of squares are ``psum``-ed (the leaves are read as shards of one
         gradient) and the loss flag ``pmax``-ed. Under plain ``jit`` with sharded
         arrays the decision is already global; leave it None.
+      check_updates: refuse a step whose inner update or new inner state is
+        non-finite (True), never check the inner output as a whole (False), or
+        None (default) for True exactly when some gradient, parameter or inner
+        state leaf is float16. True costs one more pass over the update.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
       :class:`GuardState`; ``update`` accepts ``loss=``.
 
     Raises:
+      TypeError: if ``inner`` is not a transformation (``optax.adam`` rather
+        than ``optax.adam(1e-3)``) or ``axis_name`` is not a str.
       ValueError: for an unknown ``on_give_up`` or an out-of-range setting.
 
     Examples:
@@ -176,19 +228,35 @@ def guard(
             f"{_WHERE}: on_give_up={on_give_up!r} is not known; use 'halt' (refuse every "
             "later step) or 'reset' (re-initialise the inner state and carry on)."
         )
+    validation.check_transformation(inner, _WHERE)
+    validation.check_axis_name(axis_name, _WHERE)
     if max_consecutive_skips is not None:
-        validation.check_count("max_consecutive_skips", max_consecutive_skips, _WHERE, minimum=1)
+        max_consecutive_skips = validation.check_count(
+            "max_consecutive_skips", max_consecutive_skips, _WHERE, minimum=1
+        )
     if spike_threshold is not None:
-        spike_threshold = validation.check_positive("spike_threshold", spike_threshold, _WHERE)
+        spike_threshold = validation.check_positive(
+            "spike_threshold", spike_threshold, _WHERE, example=6.0
+        )
     if loss_spike_threshold is not None:
-        validation.check_positive("loss_spike_threshold", loss_spike_threshold, _WHERE)
-    validation.check_count("spike_warmup", spike_warmup, _WHERE, minimum=2)
-    validation.check_unit_interval("stats_decay", stats_decay, _WHERE)
+        loss_spike_threshold = validation.check_positive(
+            "loss_spike_threshold", loss_spike_threshold, _WHERE, example=6.0
+        )
+    spike_warmup = validation.check_count("spike_warmup", spike_warmup, _WHERE, minimum=2)
+    stats_decay = validation.check_unit_interval("stats_decay", stats_decay, _WHERE, example=0.98)
     if lr_backoff is not None:
-        validation.check_unit_interval("lr_backoff", lr_backoff, _WHERE)
-    validation.check_count("lr_recovery_steps", lr_recovery_steps, _WHERE, minimum=1)
-    validation.check_fraction("min_lr_scale", min_lr_scale, _WHERE)
+        lr_backoff = validation.check_unit_interval("lr_backoff", lr_backoff, _WHERE, example=0.5)
+    lr_recovery_steps = validation.check_count(
+        "lr_recovery_steps", lr_recovery_steps, _WHERE, minimum=1
+    )
+    min_lr_scale = validation.check_fraction("min_lr_scale", min_lr_scale, _WHERE, example=0.01)
+    if check_updates is not None and not isinstance(check_updates, bool):
+        raise TypeError(
+            f"{_WHERE}: `check_updates` must be True, False or None (automatic), "
+            f"got {check_updates!r}."
+        )
     inner = optax.with_extra_args_support(inner)
+    f32_max = float(jnp.finfo(jnp.float32).max)
 
     def init_fn(params):
         i32 = lambda v: jnp.asarray(v, jnp.int32)
@@ -211,6 +279,10 @@ def guard(
             give_ups=i32(0),
             lr_scale=f32(1.0),
             good_streak=i32(0),
+            skipped_nonfinite_update=i32(0),
+            grad_norm_finite=jnp.asarray(True),
+            spike_run=i32(0),
+            rebaselines=i32(0),
             inner_state=inner.init(params),
         )
 
@@ -250,17 +322,7 @@ def guard(
             )
             rise = loss_value - state.loss_mean
             spike = spike | (warm & ~nonfinite & (rise > loss_spike_threshold * loss_std))
-        skip = state.halted | nonfinite | spike
-        consecutive = jnp.where(skip, state.consecutive + 1, 0)
-        give_up = jnp.asarray(False)
-        if max_consecutive_skips is not None:
-            give_up = skip & ~state.halted & (consecutive >= max_consecutive_skips)
-        reset = give_up if on_give_up == "reset" else jnp.asarray(False)
 
-        # The inner update is computed every step and the result chosen with
-        # jnp.where: the selects fuse into the optimizer's own elementwise loops,
-        # where a lax.cond would materialise the update and break that fusion.
-        # A refused step's NaN arithmetic is discarded, never multiplied by 0.
         def inner_update():
             with clipping.shared_norm(leaves, norm):
                 return inner.update(updates, state.inner_state, params, **extra_args)
@@ -272,36 +334,110 @@ def guard(
             jax.tree.map(lambda f, o: None, fresh, state.inner_state)  # same structure
             fresh_leaves = jax.tree.leaves(fresh)
 
-        def choose(i, new):
+        def decide(skip):
+            """Run length, give-up and reset for the step's final refusal flag."""
+            consecutive = jnp.where(skip, state.consecutive + 1, 0)
+            give_up = jnp.asarray(False)
+            if max_consecutive_skips is not None:
+                # A run of spikes re-baselines the statistics instead (below).
+                give_up = skip & ~state.halted & ~spike & (consecutive >= max_consecutive_skips)
+            reset = give_up if on_give_up == "reset" else jnp.asarray(False)
+            return consecutive, give_up, reset
+
+        def kept_leaf(i, reset):
             kept = old_leaves[i]
             if fresh_leaves is not None:  # a reset is always a refused step
                 kept = jnp.where(reset, jnp.asarray(fresh_leaves[i], kept.dtype), kept)
-            # The select reading `new` comes last: XLA then keeps the selected leaf
-            # as one loop that its readers share (after a select of a broadcast
-            # constant it would copy the whole chain into each of them instead).
-            return jnp.where(skip, kept, new)
+            return kept
 
-        new_updates, new_inner = _update_reading_selected_state(
-            inner_update, state.inner_state, choose
-        )
+        check = check_updates
+        if check is None:
+            check = any(
+                getattr(x, "dtype", None) == jnp.float16
+                for x in leaves + jax.tree.leaves(params) + old_leaves
+            )
+        bad_update = jnp.asarray(False)
+        skip_in = state.halted | nonfinite | spike
+        if check:
+            # Selected after the fact: the refusal now depends on the whole output.
+            new_updates, new_inner = inner_update()
+            out_ok = jnp.asarray(True)
+            for x in jax.tree.leaves((new_updates, new_inner)):
+                x = jnp.asarray(x)
+                if jnp.issubdtype(x.dtype, jnp.inexact) and x.size:
+                    out_ok = out_ok & jnp.all(jnp.isfinite(x))
+            if axis_name is not None:
+                out_ok = lax.pmin(out_ok.astype(jnp.int32), axis_name) > 0
+            bad_update = ~skip_in & ~out_ok
+            skip = skip_in | bad_update
+            consecutive, give_up, reset = decide(skip)
+            treedef = jax.tree.structure(state.inner_state)
+            new_inner = jax.tree.unflatten(
+                treedef,
+                [
+                    jnp.where(skip, kept_leaf(i, reset), new)
+                    for i, new in enumerate(jax.tree.leaves(new_inner))
+                ],
+            )
+        else:
+            skip = skip_in
+            consecutive, give_up, reset = decide(skip)
+
+            # The inner update is computed every step and the result chosen with
+            # jnp.where: the selects fuse into the optimizer's own elementwise
+            # loops, where a lax.cond would materialise the update and break that
+            # fusion. A refused step's NaN arithmetic is discarded, never
+            # multiplied by 0.
+            def choose(i, new):
+                # The select reading `new` comes last: XLA then keeps the selected
+                # leaf as one loop that its readers share (after a select of a
+                # broadcast constant it would copy the whole chain into each).
+                return jnp.where(skip, kept_leaf(i, reset), new)
+
+            new_updates, new_inner = update_reading_selected_state(
+                inner_update, state.inner_state, choose
+            )
         if lr_backoff is not None:
             new_updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), new_updates)
-        new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
 
-        # Running statistics over accepted steps only; a refused step leaves them bitwise as is.
+        def out(u):
+            u = jnp.asarray(u)
+            if not jnp.issubdtype(u.dtype, jnp.inexact):
+                return jnp.where(skip, jnp.zeros_like(u), u)
+            # Per element, in the loop that writes the update: free, and no NaN
+            # or Inf can leave the guard even where the output is not checked.
+            return jnp.where(skip | ~jnp.isfinite(u), jnp.zeros_like(u), u)
+
+        new_updates = jax.tree.map(out, new_updates)
+
+        # Running statistics over accepted steps with a non-zero norm only; any
+        # other step leaves them bitwise as is. float32, clamped to stay finite.
+        enter = ~skip & (norm > 0)
+        stat_norm = jnp.minimum(jnp.where(grads_finite, norm, 0.0), f32_max).astype(jnp.float32)
         count = state.norm_count + 1
         alpha = jnp.maximum(1.0 / count.astype(jnp.float32), 1.0 - stats_decay)
-        delta = norm - state.norm_mean
-        mean = jnp.where(skip, state.norm_mean, state.norm_mean + alpha * delta)
-        var = jnp.where(skip, state.norm_var, (1.0 - alpha) * (state.norm_var + alpha * delta**2))
-        count = jnp.where(skip, state.norm_count, count)
+        delta = stat_norm - state.norm_mean
+        mean = jnp.where(enter, state.norm_mean + alpha * delta, state.norm_mean)
+        # Clamped before the product, or 0 * Inf would make a NaN at alpha = 1.
+        sq = lambda d: jnp.minimum(d**2, f32_max)
+        var = (1.0 - alpha) * jnp.minimum(state.norm_var + alpha * sq(delta), f32_max)
+        var = jnp.where(enter, var, state.norm_var)
+        count = jnp.where(enter, count, state.norm_count)
         ldelta = loss_value - state.loss_mean
+        lvar = (1.0 - alpha) * jnp.minimum(state.loss_var + alpha * sq(ldelta), f32_max)
         lmean = jnp.where(skip, state.loss_mean, state.loss_mean + alpha * ldelta)
-        lvar = jnp.where(skip, state.loss_var, (1.0 - alpha) * (state.loss_var + alpha * ldelta**2))
+        lvar = jnp.where(skip, state.loss_var, lvar)
+        lmean = jnp.clip(lmean, -f32_max, f32_max)
+        # A run of spike refusals: the level moved, restart the statistics.
+        spike_only = skip & spike & ~state.halted
+        spike_run = jnp.where(spike_only, state.spike_run + 1, 0)
+        rebaseline = spike_only & (spike_run >= spike_warmup)
+        restart = reset | rebaseline
         f0 = jnp.zeros([], jnp.float32)
-        mean, var = jnp.where(reset, f0, mean), jnp.where(reset, f0, var)
-        lmean, lvar = jnp.where(reset, f0, lmean), jnp.where(reset, f0, lvar)
-        count = jnp.where(reset, 0, count)
+        mean, var = jnp.where(restart, f0, mean), jnp.where(restart, f0, var)
+        lmean, lvar = jnp.where(restart, f0, lmean), jnp.where(restart, f0, lvar)
+        count = jnp.where(restart, 0, count)
+        spike_run = jnp.where(restart, 0, spike_run)
 
         bad_leaf = jnp.argmax(~jnp.isfinite(sumsq)).astype(jnp.int32) if leaves else 0
         bad_leaf = jnp.where(jnp.all(jnp.isfinite(sumsq)), -1, bad_leaf)
@@ -316,94 +452,31 @@ def guard(
             down = jnp.maximum(lr_scale * lr_backoff, min_lr_scale)
             lr_scale = jnp.where(first, down, jnp.where(recover, up, lr_scale))
             good_streak = jnp.where(recover, 0, streak)
-        as_i32 = lambda b: b.astype(jnp.int32)
+        as_i32 = lambda b: jnp.asarray(b).astype(jnp.int32)
         new_state = GuardState(
             steps=state.steps + 1,
             skipped_total=state.skipped_total + as_i32(skip),
             skipped_nonfinite=state.skipped_nonfinite + as_i32(nonfinite),
             skipped_spike=state.skipped_spike + as_i32(spike),
-            consecutive=jnp.where(reset, 0, consecutive).astype(jnp.int32),
+            consecutive=as_i32(jnp.where(reset | rebaseline, 0, consecutive)),
             last_skipped_step=jnp.where(skip, state.steps, state.last_skipped_step),
             first_nonfinite_leaf=jnp.where(nonfinite, bad_leaf, state.first_nonfinite_leaf),
-            grad_norm=norm,
-            norm_count=count.astype(jnp.int32),
+            grad_norm=stat_norm,
+            norm_count=as_i32(count),
             norm_mean=mean,
             norm_var=var,
             loss_mean=lmean,
             loss_var=lvar,
             halted=state.halted | (give_up & (on_give_up == "halt")),
             give_ups=state.give_ups + as_i32(give_up),
-            lr_scale=lr_scale,
-            good_streak=good_streak.astype(jnp.int32),
+            lr_scale=jnp.asarray(lr_scale, jnp.float32),
+            good_streak=as_i32(good_streak),
+            skipped_nonfinite_update=state.skipped_nonfinite_update + as_i32(bad_update),
+            grad_norm_finite=grads_finite,
+            spike_run=as_i32(spike_run),
+            rebaselines=state.rebaselines + as_i32(rebaseline),
             inner_state=new_inner,
         )
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _update_reading_selected_state(inner_update, old_state, choose):
-    """Runs ``inner_update()`` with every new state leaf replaced, as soon as it is
-    computed, by ``choose(i, new)`` (the guard's select of flat leaf ``i``: the
-    old leaf on a refused step, the fresh one on a reset); returns
-    ``(updates, new_state)``.
-
-    Selecting after the fact, the updates read the *unselected* new moments
-    while the state outputs are the selected ones, so XLA computes Adam's
-    moments twice (once in the select that writes them, once in the loop that
-    writes the parameters) and the parameter loop reads the old moments: two
-    extra passes over them, and with donated buffers a copy of each, since the
-    old moments are overwritten in place before that loop runs. Here every later
-    use reads the selected leaf, exactly as the plain chain reads its new state.
-    On an accepted step the selected leaf *is* the new one, bit for bit; on a
-    refused step every output is replaced by a select anyway (the updates by
-    exact zeros, the state by the old or fresh state), so the results are
-    unchanged. A second select on an already selected leaf would undo this (XLA
-    does not fold the pair and copies the first into its readers again).
-
-    The inner update is traced once to a jaxpr and its equations bound in order,
-    which inlines into the enclosing trace like the direct call. A leaf the
-    substitution cannot reach (an input passed through, a constant, a value
-    that is also another leaf, another shape) is selected after the fact.
-    """
-    closed, out_shape = jax.make_jaxpr(inner_update, return_shape=True)()
-    jaxpr = closed.jaxpr
-    out_tree = jax.tree.structure(out_shape)
-    n_updates = len(jax.tree.leaves(out_shape[0]))
-    old_leaves = jax.tree.leaves(old_state)
-    state_vars = jaxpr.outvars[n_updates:]
-    if len(state_vars) != len(old_leaves):  # a structure mismatch: let tree.map say so
-        _, new_state = jax.tree.unflatten(out_tree, jex_core.jaxpr_as_fun(closed)())
-        jax.tree.map(lambda n, o: None, new_state, old_state)
-    produced = {v for eqn in jaxpr.eqns for v in eqn.outvars}
-    count: dict[Any, int] = {}
-    for v in state_vars:
-        if isinstance(v, jex_core.Var):
-            count[v] = count.get(v, 0) + 1
-    index: dict[Any, int] = {}
-    for i, (v, old) in enumerate(zip(state_vars, old_leaves)):
-        if isinstance(v, jex_core.Var) and v in produced and count[v] == 1:
-            old = jnp.asarray(old)
-            if old.shape == v.aval.shape and old.dtype == v.aval.dtype:
-                index[v] = i
-
-    env: dict[Any, Any] = {}
-
-    def read(v):
-        return v.val if isinstance(v, jex_core.Literal) else env[v]
-
-    def write(v, value):
-        env[v] = choose(index[v], value) if v in index else value
-
-    for v, c in zip(jaxpr.constvars, closed.consts):
-        env[v] = c
-    for eqn in jaxpr.eqns:
-        with eqn.ctx.manager:
-            out = bind_equation(eqn, [read(v) for v in eqn.invars])
-        for v, value in zip(eqn.outvars, out):
-            write(v, value)
-    out = [read(v) for v in jaxpr.outvars]
-    for i, v in enumerate(state_vars):
-        if not (isinstance(v, jex_core.Var) and v in index):
-            out[n_updates + i] = choose(i, out[n_updates + i])
-    return jax.tree.unflatten(out_tree, out)

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from stablejax._src.optim.guard import _update_reading_selected_state
+from stablejax._src.optim.selected_state import update_reading_selected_state
 from stablejax._src.typing import Array, ArrayLike, PyTree
 
 _WHERE = "stablejax.optim.dynamic_loss_scale"
@@ -233,7 +233,7 @@ def dynamic_loss_scale(
         # Chosen with jnp.where (a refused step's NaN arithmetic is discarded,
         # never multiplied by 0), each state leaf as soon as inner computes it,
         # as the guard does: the selects fuse into inner's own loops.
-        new_updates, new_inner = _update_reading_selected_state(
+        new_updates, new_inner = update_reading_selected_state(
             inner_update, state.inner_state, lambda i, new: jnp.where(overflow, old_leaves[i], new)
         )
         new_updates = jax.tree.map(

@@ -19,12 +19,24 @@ def find_guard_state(opt_state: PyTree) -> GuardState:
     containers alike.
 
     Raises:
-      ValueError: if ``opt_state`` holds no guard state.
+      ValueError: if ``opt_state`` holds no guard state; the message says so
+        when it holds one as a plain dict, as a checkpoint restored without a
+        target does.
     """
     is_guard = lambda x: isinstance(x, GuardState)
     for node in jax.tree.leaves(opt_state, is_leaf=is_guard):
         if is_guard(node):
             return node
+    fields = set(GuardState._fields)
+    is_restored = lambda x: isinstance(x, dict) and fields <= set(x)
+    if any(is_restored(n) for n in jax.tree.leaves(opt_state, is_leaf=is_restored)):
+        raise ValueError(
+            "stablejax.optim.metrics: this optimizer state holds a GuardState as a plain dict "
+            "(GuardState's fields as keys): a checkpoint restored without a target, which "
+            "turns NamedTuples into dicts and lists. Restore with the state's structure as the "
+            "target, e.g. `ckpt.restore(path, jax.tree.map(lambda x: "
+            "jax.ShapeDtypeStruct(x.shape, x.dtype), tx.init(params)))`."
+        )
     raise ValueError(
         "stablejax.optim.metrics: no GuardState found in this optimizer state; wrap the "
         "optimizer with stablejax.optim.guard(...) (or use stable_adamw) before calling init."
@@ -36,8 +48,10 @@ def metrics(opt_state: PyTree) -> dict[str, Array]:
 
     Keys: ``steps``, ``skipped_total``, ``skipped_nonfinite``, ``skipped_spike``,
     ``consecutive_skips``, ``last_skipped_step``, ``first_nonfinite_leaf``,
-    ``grad_norm``, ``grad_norm_mean``, ``grad_norm_std``, ``loss_mean``, ``halted``,
-    ``give_ups``, ``lr_scale``; and, when the state holds an
+    ``grad_norm`` (``+inf`` when the latest norm was not finite: the state holds
+    that as a flag, never as a NaN or Inf), ``grad_norm_mean``, ``grad_norm_std``,
+    ``loss_mean``, ``halted``, ``give_ups``, ``lr_scale``,
+    ``skipped_nonfinite_update``, ``rebaselines``; and, when the state holds an
     :func:`~stablejax.optim.overshoot_control` (as ``stable_adamw``'s does),
     ``overshoot_scale`` and ``overshoots``; and, when it holds a
     :func:`~stablejax.optim.dynamic_loss_scale`, ``loss_scale``, ``overflows``
@@ -77,13 +91,16 @@ def metrics(opt_state: PyTree) -> dict[str, Array]:
         "consecutive_skips": s.consecutive,
         "last_skipped_step": s.last_skipped_step,
         "first_nonfinite_leaf": s.first_nonfinite_leaf,
-        "grad_norm": s.grad_norm,
+        # The state keeps a non-finite norm as a flag (it stores no NaN or Inf).
+        "grad_norm": jnp.where(s.grad_norm_finite, s.grad_norm, jnp.inf),
         "grad_norm_mean": s.norm_mean,
         "grad_norm_std": jnp.sqrt(s.norm_var),
         "loss_mean": s.loss_mean,
         "halted": s.halted,
         "give_ups": s.give_ups,
         "lr_scale": s.lr_scale,
+        "skipped_nonfinite_update": s.skipped_nonfinite_update,
+        "rebaselines": s.rebaselines,
     }
     is_control = lambda x: isinstance(x, OvershootState)
     for node in jax.tree.leaves(opt_state, is_leaf=is_control):

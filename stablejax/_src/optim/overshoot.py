@@ -30,8 +30,8 @@ class OvershootState(NamedTuple):
       overshoots: judged steps that realised less than ``min_ratio`` of their
         predicted decrease (each one shrank ``scale``).
       judged: steps whose predicted decrease stood out of the loss noise.
-      last_ratio: realised / predicted decrease of the latest judged step (NaN
-        before the first).
+      last_ratio: realised / predicted decrease of the latest judged step (0
+        before the first; see ``judged``). No NaN or Inf is stored.
       noise_var: running mean of the squared loss change between consecutive
         accepted steps: the scale against which a prediction is judged.
       noise_count: transitions in ``noise_var``.
@@ -133,6 +133,7 @@ def overshoot_control(
       An ``optax.GradientTransformationExtraArgs`` with an :class:`OvershootState`.
 
     Raises:
+      TypeError: if ``inner`` is not a transformation or ``axis_name`` not a str.
       ValueError: for an out-of-range setting, naming it.
 
     Examples:
@@ -148,14 +149,17 @@ def overshoot_control(
       >>> bool(loss_fn(w) < 1e-3), int(state.overshoots) > 0
       (True, True)
     """
-    validation.check_unit_interval("min_ratio", min_ratio, _WHERE)
-    validation.check_positive("noise_sigmas", noise_sigmas, _WHERE)
-    validation.check_unit_interval("shrink", shrink, _WHERE)
-    validation.check_count("recovery_steps", recovery_steps, _WHERE, minimum=1)
-    validation.check_fraction("min_scale", min_scale, _WHERE)
-    validation.check_unit_interval("noise_decay", noise_decay, _WHERE)
-    validation.check_count("noise_warmup", noise_warmup, _WHERE, minimum=1)
+    validation.check_transformation(inner, _WHERE)
+    min_ratio = validation.check_unit_interval("min_ratio", min_ratio, _WHERE, example=0.25)
+    noise_sigmas = validation.check_positive("noise_sigmas", noise_sigmas, _WHERE, example=2.0)
+    shrink = validation.check_unit_interval("shrink", shrink, _WHERE, example=0.5)
+    recovery_steps = validation.check_count("recovery_steps", recovery_steps, _WHERE, minimum=1)
+    min_scale = validation.check_fraction("min_scale", min_scale, _WHERE, example=1e-3)
+    noise_decay = validation.check_unit_interval("noise_decay", noise_decay, _WHERE, example=0.98)
+    noise_warmup = validation.check_count("noise_warmup", noise_warmup, _WHERE, minimum=1)
+    validation.check_axis_name(axis_name, _WHERE)
     inner = optax.with_extra_args_support(inner)
+    f32_max = float(jnp.finfo(jnp.float32).max)
     growth = 2.0 ** (1.0 / recovery_steps)
 
     def init_fn(params):
@@ -165,7 +169,7 @@ def overshoot_control(
             scale=f32(1.0),
             overshoots=i32(0),
             judged=i32(0),
-            last_ratio=f32(jnp.nan),
+            last_ratio=f32(0.0),
             noise_var=f32(0.0),
             noise_count=i32(0),
             prev_loss=f32(0.0),
@@ -190,7 +194,7 @@ def overshoot_control(
         sigma = jnp.sqrt(state.noise_var)
         warm = state.noise_count >= noise_warmup
         judged = valid & warm & (state.prev_pred > noise_sigmas * sigma)
-        ratio = realised / jnp.where(judged, state.prev_pred, 1.0)
+        ratio = jnp.clip(realised / jnp.where(judged, state.prev_pred, 1.0), -f32_max, f32_max)
         overshoot = judged & (ratio < min_ratio)
         scale = jnp.where(
             overshoot,
@@ -205,7 +209,9 @@ def overshoot_control(
         # otherwise inflate sigma and hide the next overshoot).
         noisy = valid & ~judged
         noise_var = jnp.where(
-            noisy, state.noise_var + alpha * (realised**2 - state.noise_var), state.noise_var
+            noisy,
+            jnp.minimum(state.noise_var + alpha * (realised**2 - state.noise_var), f32_max),
+            state.noise_var,
         )
         # x * 1.0 == x bit for bit, so at scale 1 the inner updates pass unchanged.
         new_updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), new_updates)

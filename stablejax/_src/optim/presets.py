@@ -22,18 +22,35 @@ def _matrices_only(params: Any) -> Any:
     return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
 
 
-def _check_max_update_ratio(value: float | None) -> None:
+def _check_max_update_ratio(value: float | None) -> float | None:
     if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"{_WHERE}: `max_update_ratio` must be a real number or None, got {value!r}."
+        return None
+    return validation.check_positive("max_update_ratio", value, _WHERE, example=0.01)
+
+
+def _float16_in_float32(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Runs ``inner`` on float16 leaves upcast to float32; its updates come back in float16.
+
+    Adam in float16 fails on finite input: ``eps=1e-8`` is 0 in float16 (an
+    exactly-zero gradient entry gives 0/0) and a gradient entry above 256
+    overflows the second moment. With the upcast the moments are float32 for
+    float16 parameters; other dtypes pass through unchanged (no copy).
+    """
+
+    def up(tree):
+        return jax.tree.map(
+            lambda x: x.astype(jnp.float32) if jnp.asarray(x).dtype == jnp.float16 else x, tree
         )
-    if not value > 0 or value == float("inf"):
-        raise ValueError(
-            f"{_WHERE}: max_update_ratio={value!r} must be finite and > 0 (e.g. 0.01), "
-            "or None to leave the update's size unbounded."
-        )
+
+    def init_fn(params):
+        return inner.init(up(params))
+
+    def update_fn(updates, state, params=None):
+        new, state = inner.update(up(updates), state, None if params is None else up(params))
+        new = jax.tree.map(lambda n, u: n.astype(jnp.asarray(u).dtype), new, updates)
+        return new, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def _clip_update_ratio(ratio: float, eps: float = 1e-3) -> optax.GradientTransformation:
@@ -102,9 +119,9 @@ def stable_adamw(
       every 50 in a row Adam's moments and the norm statistics restart, which
       costs nothing when the data is bad anyway) and training carries on when
       the data is healthy again. ``'halt'`` would stop the run for good, which
-      is the wrong default for a user who wants the run to finish; a stale norm
-      history that refuses a legitimately larger gradient is also cleared by
-      the reset.
+      is the wrong default for a user who wants the run to finish. A stale norm
+      history that refuses a legitimately larger gradient is cleared sooner,
+      by the guard's re-baseline after ``spike_warmup`` spike refusals.
     * **lr_backoff=None**: backing off the rate after a skip answers instability
       caused by the rate, but in practice most skips are bad data, where a
       smaller rate only slows training; in the fault example a single NaN batch
@@ -114,6 +131,10 @@ def stable_adamw(
     * **clip** (first in the guarded chain, reusing the guard's norm for free):
       bounds the step after a rare large gradient that is not a spike yet; it
       never turns Inf into NaN.
+    * **float16 parameters**: Adam's moments are kept in float32 (the update
+      comes back in float16), since in float16 ``eps=1e-8`` is 0 and a zero
+      gradient entry would give 0/0; the guard also checks the inner output
+      for float16 (see :func:`stablejax.optim.guard`'s ``check_updates``).
     * **b2=0.95** (not 0.999): the second moment forgets a large gradient in
       ~20 steps instead of ~1000, so a rare large gradient neither freezes
       learning nor leaves ``nu`` stale for rarely-updated rows (embeddings), a
@@ -158,8 +179,8 @@ def stable_adamw(
       total_steps: length of the whole schedule, warm-up included (> warmup_steps).
       weight_decay: decoupled weight decay (>= 0).
       clip: global-norm clip (> 0), or None for none.
-      b1: Adam's first-moment decay, in (0, 1).
-      b2: Adam's second-moment decay, in (0, 1).
+      b1: Adam's first-moment decay, in [0, 1) (0: no momentum, as optax allows).
+      b2: Adam's second-moment decay, in [0, 1).
       eps: Adam's epsilon (> 0).
       end_lr_ratio: final rate as a fraction of the peak, in [0, 1].
       weight_decay_mask: optax mask (tree or callable) of the leaves to decay.
@@ -200,28 +221,32 @@ def stable_adamw(
       >>> bool((updates["w"] == 0).all()), int(metrics(state)["skipped_nonfinite"])
       (True, 1)
     """
-    validation.check_positive("learning_rate", learning_rate, _WHERE)
-    validation.check_count("warmup_steps", warmup_steps, _WHERE, minimum=0)
-    validation.check_count("total_steps", total_steps, _WHERE, minimum=1)
+    learning_rate = validation.check_positive("learning_rate", learning_rate, _WHERE, example=1e-3)
+    warmup_steps = validation.check_count("warmup_steps", warmup_steps, _WHERE, minimum=0)
+    total_steps = validation.check_count("total_steps", total_steps, _WHERE, minimum=1)
     if total_steps <= warmup_steps:
         raise ValueError(
             f"{_WHERE}: total_steps={total_steps!r} must exceed warmup_steps={warmup_steps!r}; "
-            "total_steps counts the whole run, warm-up included."
+            "total_steps counts the whole run, warm-up included, e.g. "
+            f"total_steps={warmup_steps + 1000}."
         )
-    validation.check_nonnegative("weight_decay", weight_decay, _WHERE)
+    weight_decay = validation.check_nonnegative("weight_decay", weight_decay, _WHERE, example=0.1)
     if clip is not None:
-        validation.check_positive("clip", clip, _WHERE)
-    validation.check_unit_interval("b1", b1, _WHERE)
-    validation.check_unit_interval("b2", b2, _WHERE)
-    validation.check_positive("eps", eps, _WHERE)
-    validation.check_nonnegative("end_lr_ratio", end_lr_ratio, _WHERE)
-    if end_lr_ratio > 1:
-        raise ValueError(f"{_WHERE}: end_lr_ratio={end_lr_ratio!r} must be in [0, 1].")
-    _check_max_update_ratio(max_update_ratio)
+        clip = validation.check_positive("clip", clip, _WHERE, example=1.0)
+    b1 = validation.check_unit_interval("b1", b1, _WHERE, example=0.9, allow_zero=True)
+    b2 = validation.check_unit_interval("b2", b2, _WHERE, example=0.95, allow_zero=True)
+    eps = validation.check_positive("eps", eps, _WHERE, example=1e-8)
+    end_lr_ratio = validation.check_nonnegative("end_lr_ratio", end_lr_ratio, _WHERE, example=0.1)
+    if not isinstance(end_lr_ratio, jax.core.Tracer) and end_lr_ratio > 1:
+        raise ValueError(
+            f"{_WHERE}: end_lr_ratio={end_lr_ratio!r} must be in [0, 1]. Use e.g. end_lr_ratio=0.1."
+        )
+    max_update_ratio = _check_max_update_ratio(max_update_ratio)
     if not isinstance(overshoot, bool):
         raise TypeError(f"{_WHERE}: `overshoot` must be True or False, got {overshoot!r}.")
     if not isinstance(loss_scale, bool):
         raise TypeError(f"{_WHERE}: `loss_scale` must be True or False, got {loss_scale!r}.")
+    validation.check_axis_name(axis_name, _WHERE)
 
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
@@ -233,9 +258,10 @@ def stable_adamw(
     parts = []
     if clip is not None:
         parts.append(clipping.clip_by_global_norm(clip, axis_name=axis_name))
-    parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
+    adam = [optax.scale_by_adam(b1=b1, b2=b2, eps=eps)]
     if weight_decay > 0:
-        parts.append(optax.add_decayed_weights(weight_decay, mask=weight_decay_mask))
+        adam.append(optax.add_decayed_weights(weight_decay, mask=weight_decay_mask))
+    parts.append(_float16_in_float32(optax.chain(*adam)))
     guarded = guard(
         optax.chain(*parts),
         max_consecutive_skips=max_consecutive_skips,
