@@ -230,3 +230,12 @@ def test_lint_flags_naive_code_and_not_the_fix(demo):
         else:  # a learning-rate explosion, bad data: nothing in the code to flag
             assert found["in_code"] is False and high == []
     assert "lint, before training, naive loss" in demo["stdout"]
+
+
+def test_harden_repairs_the_singularities_in_the_code_and_only_those(demo):
+    repaired = {"zero_norm", "silent_std", "sqrt_loss"}  # singular ops written in the code
+    for name in EXPECTED:
+        found = _scenario(demo, name)["harden"]
+        assert found["finite_on_bad_step"] is (name in repaired), name
+        assert found["expected"] is (name in repaired) and found["ok"] is True, name
+    assert "stablejax.harden(loss_fn) on that step: finite value and gradient" in demo["stdout"]

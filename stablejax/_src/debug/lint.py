@@ -145,8 +145,13 @@ def _lint(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Risks:
         return fn(*a, **k)
 
     specs = [jax.ShapeDtypeStruct(np.shape(leaves[i]), leaves[i].dtype) for i in dyn]
+    roots: set[str] = set()  # the NNX root class names of this trace
     try:
-        with nnx_names.nnx_module_names(), _FRESH_TRACE("stablejax.debug.lint"):
+        with (
+            nnx_names.nnx_module_names(),
+            nnx_names.collect_roots(roots),
+            _FRESH_TRACE("stablejax.debug.lint"),
+        ):
             closed = jax.make_jaxpr(flat_fn)(*specs)
     except Exception as e:
         shapes = ", ".join(f"{s.dtype}{list(s.shape)}" for s in specs[:6])
@@ -154,7 +159,7 @@ def _lint(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Risks:
             f"lint: could not trace {repr(fn)[:80]} on arguments ({shapes}"
             f"{', ...' if len(specs) > 6 else ''}): {type(e).__name__}: {e}"
         ) from e
-    linter = _Linter()
+    linter = _Linter(frozenset(roots))
     in_avs = [iv.top(v.aval.dtype) for v in closed.jaxpr.invars]
     linter.run(closed, in_avs)
     return linter.risks()
@@ -219,7 +224,8 @@ def _trusted(frames: Sequence[Frame]) -> bool:
 class _Linter:
     """Abstract interpreter of a closed jaxpr collecting risks."""
 
-    def __init__(self) -> None:
+    def __init__(self, roots: frozenset[str]) -> None:
+        self.roots = roots  # NNX root class names, dropped from module paths
         self._trust: dict[int, tuple[Any, bool]] = {}
         self.found: list[dict[str, Any]] = []
         self._labels: dict[int, Any] = {}
@@ -315,7 +321,7 @@ class _Linter:
         f = dict(f)
         f["source"] = _source(user) if user else None
         f["line_text"] = _line(user) if user else ""
-        f["module"] = module_path(scopes(ctx.name_stack()), frozenset(nnx_names.ROOT_NAMES))
+        f["module"] = module_path(scopes(ctx.name_stack()), self.roots)
         idx = len(self.found)
         self.found.append(f)
         if (f["phase"] == "forward" and f.get("nonfinite", True)) or f["primitive"] == "sqrt":

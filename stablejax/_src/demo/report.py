@@ -96,6 +96,11 @@ def to_json(results: Sequence[ScenarioResult], wall_seconds: float, steps: int) 
                     "naive": r.lint_naive.to_dict(),
                     "fixed": r.lint_fixed.to_dict(),
                 },
+                "harden": {
+                    "expected": r.harden_expected,
+                    "finite_on_bad_step": r.hardened_finite,
+                    "ok": r.harden_ok,
+                },
                 "naive": _run_dict(r.naive),
                 "locate": located,
                 "fixed": _run_dict(r.fixed),
@@ -171,6 +176,9 @@ def to_markdown(
         lines += ["", "**`stablejax.debug.lint`** before training, naive loss:", "", "```",
                   str(r.lint_naive), "```", "", "fixed loss:", "", "```", str(r.lint_fixed),
                   "```"]
+        if r.hardened_finite is not None:
+            lines += ["", "**`stablejax.harden(loss_fn)`** on that step: " + (
+                "finite value and gradient." if r.hardened_finite else "still non-finite.")]
         if r.report is not None:
             lines += ["", "**`stablejax.debug.locate`**:", "", "```", str(r.report), "```"]
             text = source_line(r.report)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
@@ -27,6 +28,7 @@ from stablejax._src.debug.report import Report
 from stablejax._src.debug.risk import Risks
 from stablejax._src.demo.scenarios import SCENARIOS, Scenario
 from stablejax._src.demo.train import Batch, Recipe, Run, RunLog
+from stablejax._src.numerics.harden import harden
 
 
 @dataclasses.dataclass
@@ -44,6 +46,9 @@ class ScenarioResult:
       lint_naive: ``lint`` of ``value_and_grad`` of the naive loss, before training.
       lint_fixed: the same for the fixed loss.
       lint_seconds: wall time of both ``lint`` calls.
+      hardened_finite: whether ``value_and_grad(stablejax.harden(loss_fn))`` is finite
+        (value and every gradient entry) on the naive run's bad step; ``None`` when
+        the naive run had no bad step.
     """
 
     scenario: Scenario
@@ -56,6 +61,20 @@ class ScenarioResult:
     lint_naive: Risks = dataclasses.field(default_factory=Risks)
     lint_fixed: Risks = dataclasses.field(default_factory=Risks)
     lint_seconds: float = 0.0
+    hardened_finite: bool | None = None
+
+    @property
+    def harden_expected(self) -> bool:
+        """``harden`` repairs a singularity written in the code: not bad data, not an
+        explosion, not a float16 overflow (a range problem, not a singular point)."""
+        return self.scenario.in_code and (
+            self.scenario.expected_category != "overflow_low_precision"
+        )
+
+    @property
+    def harden_ok(self) -> bool:
+        """The hardened loss is finite on the bad step exactly when ``harden`` should help."""
+        return self.hardened_finite is not None and self.hardened_finite == self.harden_expected
 
     @property
     def category_ok(self) -> bool:
@@ -70,8 +89,10 @@ class ScenarioResult:
 
     @property
     def ok(self) -> bool:
-        """Naive run went non-finite, locate and lint got it right, the fixed run finished."""
+        """Naive run went non-finite, locate, lint and harden behaved, the fixed run finished."""
         return self.naive.nonfinite_step is not None and self.category_ok and self.lint_ok and (
+            self.harden_ok
+        ) and (
             self.fixed.finished_finite and self.fixed.steps_run == self.steps
         )
 
@@ -167,6 +188,13 @@ def lint_recipe(recipe: Recipe, batch: Batch) -> Risks:
     return lint(fn)(_spec(recipe.params), _spec(batch))
 
 
+def hardened_is_finite(loss_fn, params, batch) -> bool:
+    """Whether ``value_and_grad(harden(loss_fn))`` is finite at ``(params, batch)``."""
+    value, grads = jax.jit(jax.value_and_grad(harden(loss_fn)))(params, batch)
+    leaves = [value, *jax.tree.leaves(grads)]
+    return all(bool(jnp.isfinite(x).all()) for x in leaves)
+
+
 def lint_line(risks: Risks) -> Text:
     """One line per high risk: ``high sqrt backward zoo.py:71 MeanStdPool_0 -> fix``."""
     if not risks.high:
@@ -193,10 +221,9 @@ def run_scenario(scenario: Scenario, steps: int, console: Console) -> ScenarioRe
     lint_seconds = time.perf_counter() - t
     console.print(Text("lint, before training, naive loss: ", style="dim") + lint_line(lint_naive))
     console.print(Text("lint, fixed loss: ", style="dim") + lint_line(lint_fixed))
-    # stablejax.harden (issue 13, point 2) goes here: the naive loss hardened, trained too.
     naive_run = Run.build(naive_recipe)
     naive, culprit = _train(naive_run, batches, "naive", True, console)
-    report, locate_seconds = None, 0.0
+    report, locate_seconds, hardened_finite = None, 0.0, None
     if culprit is None:
         console.print("[yellow]the naive run stayed finite: nothing to locate[/yellow]")
     else:
@@ -224,11 +251,16 @@ def run_scenario(scenario: Scenario, steps: int, console: Console) -> ScenarioRe
             console.print("[yellow]locate gave no report for this step[/yellow]")
         else:
             console.print(report_panel(report))
+        hardened_finite = hardened_is_finite(naive_run.loss_fn, params, batch)
+        console.print(Text("stablejax.harden(loss_fn) on that step: ", style="dim") + Text(
+            "finite value and gradient" if hardened_finite else "still non-finite "
+            "(harden repairs singular ops in the code, not data, explosions or overflow)",
+            style="green" if hardened_finite else "yellow"))
     console.print(Text("fix: ", style="dim") + Text(scenario.fix))
     fixed, _ = _train(Run.build(fixed_recipe), batches, "fixed", False, console)
     return ScenarioResult(
         scenario, steps, naive, fixed, report, locate_seconds, time.perf_counter() - start,
-        lint_naive, lint_fixed, lint_seconds,
+        lint_naive, lint_fixed, lint_seconds, hardened_finite,
     )
 
 
