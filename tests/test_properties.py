@@ -93,6 +93,8 @@ def test_forward_and_gradient_finite_and_forward_matches_plain(x):
         # float32 inputs); unit-scale sums of six terms (normalize, the layers) carry
         # ~1e-6 rounding and can cancel to an exact 0 in float64.
         atol = 1e-4 if name in ("normalize", "layernorm0", "rmsnorm0") else 1e-37
+        if name == "stdpool":  # mean + std can cancel: float32 rounding of the two terms
+            atol = 1e-6 * float(np.abs(x).max())
         np.testing.assert_allclose(float(value), ref[name], rtol=2e-5, atol=atol)
         if name in plain and np.isfinite(plain[name]):
             # Up to the plain formula's own float32 error: rounding of order eps * max|x|
