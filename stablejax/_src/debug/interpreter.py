@@ -48,7 +48,9 @@ from stablejax._src.jaxpr_bind import bind_equation
 
 INTENTIONAL = -1  # taint of a non-finite literal written in the program
 _MAX_ORIGINS = 256
-_CALL_PARAMS = {
+# Call-like primitives and the parameter holding the jaxpr they call (shared
+# with lint and the compiled search).
+CALL_PARAMS = {
     "jit": "jaxpr",
     "pjit": "jaxpr",
     "closed_call": "call_jaxpr",
@@ -245,8 +247,8 @@ class Walker:
             return [], []
         if label in (phase_labels.FORWARD, phase_labels.FEEDS_BACKWARD) and phase == "forward":
             self._remember_forward_op(eqn, site)
-        if name in _CALL_PARAMS and _CALL_PARAMS[name] in params:
-            jaxpr, consts = _sub_jaxpr(params[_CALL_PARAMS[name]])
+        if name in CALL_PARAMS and CALL_PARAMS[name] in params:
+            jaxpr, consts = _sub_jaxpr(params[CALL_PARAMS[name]])
             if len(jaxpr.invars) == len(invals) and len(jaxpr.constvars) == len(consts):
                 for inner, outer in zip(jaxpr.invars, eqn.invars):
                     if not isinstance(outer, jcore.Literal) and outer in self._producer:
@@ -339,7 +341,7 @@ class Walker:
         return origin.index
 
     def _remember_forward_op(self, eqn, site) -> None:
-        if eqn.primitive.name in _CALL_PARAMS or eqn.primitive.name in ("scan", "while", "cond"):
+        if eqn.primitive.name in CALL_PARAMS or eqn.primitive.name in ("scan", "while", "cond"):
             return
         key = _site_key(site.frames, eqn.source_info.traceback)
         self._forward_ops.setdefault(key, eqn.primitive.name)

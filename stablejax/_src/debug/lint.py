@@ -27,6 +27,7 @@ from stablejax._src.debug import intervals as iv
 from stablejax._src.debug import lint_rules as rules
 from stablejax._src.debug import nnx_names
 from stablejax._src.debug import phase as phase_labels
+from stablejax._src.debug.interpreter import CALL_PARAMS
 from stablejax._src.debug.risk import Risk, Risks
 from stablejax._src.debug.source import (
     Frame,
@@ -39,17 +40,6 @@ from stablejax._src.debug.source import (
 )
 
 _FRESH_TRACE = jax.make_user_context(None)
-_CALLS = {
-    "jit": "jaxpr",
-    "pjit": "jaxpr",
-    "closed_call": "call_jaxpr",
-    "core_call": "call_jaxpr",
-    "remat2": "jaxpr",
-    "checkpoint": "jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-    "custom_vjp_call_jaxpr": "fun_jaxpr",
-}
 _CUSTOM = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
 # Functions written safe on purpose whose safety interval arithmetic cannot see
 # (optax.safe_norm replaces x by ones where its norm is small).
@@ -277,8 +267,8 @@ class _Linter:
     def _eqn(self, eqn, ins, ctx, out_flags) -> list[iv.AV]:
         name = eqn.primitive.name
         sub = ctx.child(eqn, self._trusted_tb(eqn.source_info.traceback), name in _CUSTOM)
-        if name in _CALLS and _CALLS[name] in eqn.params:
-            obj = eqn.params[_CALLS[name]]
+        if name in CALL_PARAMS and CALL_PARAMS[name] in eqn.params:
+            obj = eqn.params[CALL_PARAMS[name]]
             jaxpr, consts = (obj.jaxpr, obj.consts) if hasattr(obj, "consts") else (obj, ())
             if len(jaxpr.invars) == len(ins):
                 return self._eval(jaxpr, [iv.const(c) for c in consts], ins, sub, out_flags)

@@ -14,7 +14,7 @@ import numpy as np
 from stablejax._src.debug import nnx_names, search
 from stablejax._src.debug.diagnose import diagnose
 from stablejax._src.debug.history import History, parse_history
-from stablejax._src.debug.interpreter import _CALL_PARAMS, INTENTIONAL, Walker
+from stablejax._src.debug.interpreter import CALL_PARAMS, INTENTIONAL, Walker
 from stablejax._src.debug.report import Report
 from stablejax._src.debug.source import Frame, is_user_file, module_path
 from stablejax._src.debug.values import Origin, is_float, nonfinite_kind
@@ -222,7 +222,7 @@ def _locate(
         else:
             taints.append(None)
     flat_args = [leaves[i] for i in dyn]
-    found = search.search(closed, flat_args, taints, walker, Walker.root_site(), _CALL_PARAMS)
+    found = search.search(closed, flat_args, taints, walker, Walker.root_site(), CALL_PARAMS)
     if found is None:
         return None
     if found == search.FALLBACK:  # the compiled flags cannot decide: walk it all
