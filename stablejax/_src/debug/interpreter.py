@@ -28,6 +28,7 @@ from jax._src import source_info_util
 from jax.extend import core as jcore
 
 from stablejax._src.debug import phase as phase_labels
+from stablejax._src.debug import shards
 from stablejax._src.debug.source import (
     Frame,
     is_optimizer_file,
@@ -106,6 +107,7 @@ class Walker:
         self._producer: dict[Any, str] = {}  # var -> primitive (or jit name) that made it
         self.reached: list[int] = []
         self.scoped = False  # whether any equation ran under a module scope
+        self.mapped: shards.Mapped | None = None  # inside a shard_map body: the shards
 
     # -- public ---------------------------------------------------------------
 
@@ -247,6 +249,10 @@ class Walker:
             return [], []
         if label in (phase_labels.FORWARD, phase_labels.FEEDS_BACKWARD) and phase == "forward":
             self._remember_forward_op(eqn, site)
+        if name in shards.MAPPED:
+            got = shards.walk_mapped(self, eqn, invals, in_taints, site, out_flags, in_grad)
+            if got is not None:
+                return got
         if name in CALL_PARAMS and CALL_PARAMS[name] in params:
             jaxpr, consts = _sub_jaxpr(params[CALL_PARAMS[name]])
             if len(jaxpr.invars) == len(invals) and len(jaxpr.constvars) == len(consts):
@@ -259,12 +265,11 @@ class Walker:
                 return outs, taints
         if name == "scan":
             return self._scan(eqn, invals, in_taints, site, out_flags, in_grad)
-        if name == "while":
+        if name == "while" and self.mapped is None:  # per shard, the trip counts may differ
             return self._while(eqn, invals, in_taints, site, in_grad)
-        if name == "cond":
-            idx = int(
-                np.clip(int(np.asarray(invals[0]).reshape(-1)[0]), 0, len(params["branches"]) - 1)
-            )
+        pred = np.asarray(invals[0]).reshape(-1) if name == "cond" else None
+        if pred is not None and (self.mapped is None or (pred == pred[0]).all()):
+            idx = int(np.clip(int(pred[0]), 0, len(params["branches"]) - 1))
             jaxpr, consts = _sub_jaxpr(params["branches"][idx])
             outs, taints, _ = self._eval(
                 jaxpr,
@@ -283,13 +288,18 @@ class Walker:
             source_info_util.user_context(eqn.source_info.traceback, name_stack=site.name_stack),
             eqn.ctx.manager,
         ):
+            if self.mapped is not None:
+                return self.mapped.bind(eqn, invals, site, lambda vals: bind_equation(eqn, vals))
             return bind_equation(eqn, invals)
 
     def _leaf(self, eqn, invals, in_taints, site, phase):
         if eqn.primitive.name in CALLBACKS and not self.run_callbacks:
             # Not run again (it may write files or count steps): zeros stand in.
             self.skipped_callbacks += 1
-            return [jnp.zeros(v.aval.shape, v.aval.dtype) for v in eqn.outvars], [
+            zeros = [jnp.zeros(v.aval.shape, v.aval.dtype) for v in eqn.outvars]
+            if self.mapped is not None:
+                zeros = [self.mapped.broadcast(z) for z in zeros]
+            return zeros, [
                 None for _ in eqn.outvars
             ]
         outs = self._bind(eqn, invals, site)
@@ -314,6 +324,9 @@ class Walker:
         if len(self.origins) >= _MAX_ORIGINS:
             return None
         kind = "nan" if "nan" in kinds else "inf"
+        shard = None
+        if self.mapped is not None:  # stacked shards: the first bad one's operands
+            shard, invals, outs = self.mapped.select(eqn, invals, outs)
         key = _site_key(site.frames, eqn.source_info.traceback)
         origin = Origin(
             index=len(self.origins),
@@ -333,6 +346,8 @@ class Walker:
         origin.extra["producers"] = [
             None if isinstance(v, jcore.Literal) else self._producer.get(v) for v in eqn.invars
         ]
+        if shard is not None:
+            origin.extra["shard"] = shard
         if eqn.primitive.name == "gather":
             origin.extra["gather"] = gather_bounds(eqn, invals)
         if any(s.dtype in LOW_PRECISION for s in origin.inputs + origin.outputs):
@@ -368,8 +383,15 @@ class Walker:
         ys_vals: list[list[Any]] = [[None] * length for _ in range(len(jaxpr.outvars) - ncarry)]
         ys_taints: list[int | None] = [None] * (len(jaxpr.outvars) - ncarry)
         order = range(length - 1, -1, -1) if p["reverse"] else range(length)
+        d = self.mapped.depth if self.mapped is not None else 0
+        at = (slice(None),) * d
+        if d:  # per shard: every scanned operand gets the leading shard axes
+            xs = [
+                x if np.ndim(x) == v.aval.ndim + d else self.mapped.broadcast(x)
+                for x, v in zip(xs, eqn.invars[nc + ncarry :])
+            ]
         for i in order:
-            x_i = [x[i] for x in xs]
+            x_i = [x[(*at, i)] for x in xs]
             x_t = [t if t is not None and nonfinite_kind(xi) else None for t, xi in zip(xs_t, x_i)]
             it_site = dataclasses.replace(site, iterations=site.iterations + (i,))
             outs, taints, _ = self._eval(
@@ -389,7 +411,9 @@ class Walker:
         ys = []
         for j, v in enumerate(eqn.outvars[ncarry:]):
             if length:
-                ys.append(jnp.stack([jnp.asarray(y) for y in ys_vals[j]]))
+                ys.append(jnp.stack([jnp.asarray(y) for y in ys_vals[j]], axis=d))
+            elif self.mapped is not None:
+                ys.append(self.mapped.broadcast(jnp.zeros(v.aval.shape, v.aval.dtype)))
             else:
                 ys.append(jnp.zeros(v.aval.shape, v.aval.dtype))
         return [*carry, *ys], [*carry_t, *ys_taints]

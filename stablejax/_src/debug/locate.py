@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from stablejax._src.debug import nnx_names, search
+from stablejax._src.debug import nnx_names, search, shards
 from stablejax._src.debug.diagnose import diagnose
 from stablejax._src.debug.history import History, parse_history
 from stablejax._src.debug.interpreter import CALL_PARAMS, INTENTIONAL, Walker
@@ -331,6 +331,7 @@ def _report(
         reaches_output=reaches,
         origins=found.origins,
         callbacks_skipped=found.walker.skipped_callbacks,
+        **shards.report_fields(origin),
     )
 
 

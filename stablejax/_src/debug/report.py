@@ -45,6 +45,17 @@ class Report:
       callbacks_skipped: how many ``io_callback`` equations were not run again
         (their outputs were not re-evaluated; zeros stood in). ``locate(fn,
         run_callbacks=True)`` runs them.
+      mesh_axes: for an origin inside a ``shard_map``/``pmap`` body, the mesh axis
+        names of the body (``['data']``); ``None`` outside mapped bodies.
+      shard_index: the axis indices of the first shard where the value was born,
+        ``{'data': 3}``.
+      shards_affected: on how many shards the equation made the value.
+      num_shards: how many shards the body runs on.
+      device: the id of the device holding that shard.
+      process: the ``jax.process_index()`` of the process holding that shard.
+      origin_local: ``False`` when another process holds the shard (a
+        multi-process run): the equation and shard are that process's answer,
+        all-gathered, and so are the operand statistics.
     """
 
     primitive: str | None
@@ -66,6 +77,13 @@ class Report:
     reaches_output: bool = True
     origins: int = 1
     callbacks_skipped: int = 0
+    mesh_axes: list[str] | None = None
+    shard_index: dict[str, int] | None = None
+    shards_affected: int | None = None
+    num_shards: int | None = None
+    device: int | None = None
+    process: int | None = None
+    origin_local: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The report as a JSON-ready dict (plain Python types only)."""
@@ -100,10 +118,26 @@ class Report:
             parts.append(f"at {self.source}")
         if self.iteration is not None:
             parts.append(f"iteration {self.iteration}")
+        if self.shard_index is not None:
+            parts.append(self.shard_text)
         line = ", ".join(parts) + f" [{self.category}]"
         if self.why:
             line += f": {self.why}"
         return line + f" Fix: {self.suggestion}"
+
+    @property
+    def shard_text(self) -> str:
+        """Where in the mesh: ``'on shard data=3 of 8 (device 3), 1 of 8 shards'``."""
+        if self.shard_index is None:
+            return ""
+        coord = ", ".join(f"{a}={i}" for a, i in self.shard_index.items())
+        where = [f"device {self.device}"] if self.device is not None else []
+        if self.process is not None and (self.process or self.origin_local is False):
+            where.append(f"process {self.process}")
+        text = f"on shard {coord} of {self.num_shards}"
+        if where:
+            text += f" ({', '.join(where)})"
+        return text + f", {self.shards_affected} of {self.num_shards} shards"
 
     def __str__(self) -> str:
         lines = [self.headline]
@@ -117,6 +151,11 @@ class Report:
             )
         if not self.reaches_output:
             lines.append("  note: this value is masked before the outputs (e.g. by jnp.where).")
+        if self.origin_local is False:
+            lines.append(
+                f"  note: the shard lives on process {self.process}; its report has the "
+                "operands (all-gathered here)."
+            )
         if self.callbacks_skipped:
             lines.append(
                 f"  note: {self.callbacks_skipped} io_callback output(s) were not re-evaluated "

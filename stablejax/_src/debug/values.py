@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax._src import source_info_util
@@ -72,6 +73,8 @@ def _host(x: Any) -> np.ndarray:
 
 def nonfinite_kind(x: Any) -> str | None:
     """``'nan'``, ``'inf'`` or ``None`` for a concrete float array (NaN wins)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return _global_kind(x)
     arr = _host(x)
     if arr.dtype.kind not in "fc":
         return None
@@ -81,9 +84,26 @@ def nonfinite_kind(x: Any) -> str | None:
     return "nan" if np.isnan(arr).any() else "inf"
 
 
+def _global_kind(x: jax.Array) -> str | None:
+    """The same, for an array spanning several processes: reduced on device, all-gathered."""
+    from jax.experimental import multihost_utils
+
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        return None
+    # Every process calls this at the same point of the same walk (SPMD).
+    local = [
+        np.asarray(jnp.stack([jnp.isnan(s.data).any(), jnp.isinf(s.data).any()]))
+        for s in x.addressable_shards
+    ]
+    flags = np.any(local, axis=0) if local else np.zeros(2, bool)
+    flags = np.asarray(multihost_utils.process_allgather(flags.astype(np.int32))).reshape(-1, 2)
+    nan, inf = flags.any(axis=0)
+    return "nan" if nan else ("inf" if inf else None)
+
+
 def operand_stats(x: Any) -> OperandStats:
     """Shape, dtype, range and counts of one concrete operand."""
-    dtype = str(getattr(x, "dtype", np.asarray(x).dtype))
+    dtype = str(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
     shape = tuple(int(d) for d in np.shape(x))
     try:
         arr = _host(x)

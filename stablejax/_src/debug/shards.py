@@ -1,0 +1,483 @@
+"""``locate`` inside ``shard_map`` and ``pmap`` bodies: the shard where a NaN is born.
+
+A ``shard_map`` equation (``pmap`` traces to one too) is not an opaque op for
+the walker. Its operands are cut into the per-shard blocks its ``in_specs``
+say, stacked along leading axes, one per manual mesh axis (in mesh order), and
+the body is walked equation by equation on the stacked values. Each equation
+is bound under nested ``jax.vmap(..., axis_name=axis)``: jax's own semantics
+of a mapped axis, so ``psum``, ``pmean``, ``all_gather``, ``ppermute``,
+``all_to_all``, ``psum_scatter`` and ``axis_index`` compute what the devices
+compute, and a NaN born on shard 3 and spread by a ``psum`` is an origin in
+the body's equation on shard 3, not at the ``psum``. The outputs are put back
+together as the ``out_specs`` say. An origin inside a body records the mesh
+axes, the axis indices of the first shard where it was born, that shard's
+device and process, and how many shards hold it.
+
+Several processes (``jax.distributed``): a process cannot read another's
+shards. Each evaluates the shards it holds, up to the body's first collective
+(past it, the values would need the other processes' shards); the first origin
+of each process is then all-gathered, so every process reports the same
+equation, shard, device and process, with the operand statistics of the
+process that holds the shard (``Report.origin_local`` is ``False`` on the
+others). An origin after the first collective is not followed there: the
+report names the ``shard_map`` equation, as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+from stablejax._src.debug.values import OperandStats, nonfinite_kind
+
+MAPPED = frozenset({"shard_map"})
+# Primitives whose value depends on other shards: a multi-process walk stops there.
+COLLECTIVES = frozenset(
+    {
+        "psum",
+        "pmean",
+        "pmax",
+        "pmin",
+        "psum_invariant",
+        "all_gather",
+        "all_gather_invariant",
+        "ppermute",
+        "all_to_all",
+        "psum_scatter",
+        "reduce_scatter",
+        "axis_index",
+        "pbroadcast",
+    }
+)
+# Casts of the varying-across-mesh type only (``check_vma``): the identity per shard.
+_TYPE_CASTS = frozenset({"pvary", "reduced_vary_cast_p", "vary_unreduced_cast"})
+_PHASES = ("forward", "backward", "update")
+_KIND = {"inf": 1, "nan": 2}
+# The all-gathered row: step, global shard, kind, phase, shards, float32 verdict; then
+# min, max, zeros, negatives, nonfinite per operand.
+_HEAD = 6
+_NSTATS = 5
+
+
+class _Stop(Exception):
+    """A multi-process walk reached a collective: the other processes' shards are needed."""
+
+
+@dataclasses.dataclass
+class Mapped:
+    """The mesh a body runs on, and which shards the stacked values hold.
+
+    ``axes`` are the manual mesh axes (name, size), in mesh order; the stacked
+    values have one leading axis per entry (a single unnamed one, the local
+    shards, in a multi-process walk). ``coords[k]`` is the mesh position of the
+    ``k``-th stacked shard (row-major).
+    """
+
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+    axes: tuple[tuple[str | None, int], ...]
+    coords: list[tuple[int, ...]]
+    devices: np.ndarray | None  # device per mesh position (manual axes), or None
+    local: bool = False  # a multi-process walk of this process's shards
+    trail: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def depth(self) -> int:
+        return len(self.axes)
+
+    def bind(self, eqn: Any, invals: list[Any], site: Any, bind_fn: Any) -> list[Any]:
+        """Binds ``eqn`` once per shard, collectives over the mapped axes (``jax.vmap``)."""
+        if self.local and eqn.primitive.name in COLLECTIVES:
+            raise _Stop
+        self.trail.append((eqn, site))
+        if eqn.primitive.name in _TYPE_CASTS:
+            return list(invals)
+        k = self.depth
+        in_axes = [
+            0 if not isinstance(v, jcore.Literal) and np.ndim(x) == v.aval.ndim + k else None
+            for v, x in zip(eqn.invars, invals)
+        ]
+        if not any(a == 0 for a in in_axes):  # nothing per shard: one value for all
+            return [self.broadcast(o) for o in bind_fn(invals)]
+
+        def f(*vals):
+            return bind_fn(list(vals))
+
+        for name, size in reversed(self.axes):
+            f = jax.vmap(f, in_axes=tuple(in_axes), axis_name=name, axis_size=size)
+        return list(f(*invals))
+
+    def broadcast(self, x: Any) -> Any:
+        x = jnp.asarray(x)
+        return jnp.broadcast_to(x, tuple(s for _, s in self.axes) + x.shape)
+
+    def shard(self, x: Any, aval: Any, k: int) -> Any:
+        """The ``k``-th shard's value of a stacked ``x`` (``x`` itself when not stacked)."""
+        if np.ndim(x) != len(aval.shape) + self.depth:
+            return x
+        return jnp.reshape(jnp.asarray(x), (-1, *aval.shape))[k]
+
+    def select(self, eqn: Any, invals: list[Any], outs: list[Any]) -> tuple[dict, list, list]:
+        """The first shard whose outputs of ``eqn`` are non-finite, and its operands."""
+        bad = np.zeros(len(self.coords), bool)
+        for v, o in zip(eqn.outvars, outs):
+            if np.ndim(o) != len(v.aval.shape) + self.depth:
+                continue
+            arr = np.asarray(jnp.reshape(jnp.asarray(o), (len(self.coords), -1)))
+            if arr.dtype.kind == "V" or arr.dtype.itemsize < 4:
+                arr = arr.astype(np.float32)
+            if arr.dtype.kind in "fc":
+                bad |= ~np.isfinite(arr).all(axis=1)
+        k = int(np.argmax(bad)) if bad.any() else 0
+        info = self.describe(k)
+        info["affected"] = int(bad.sum())
+        info["step"] = len(self.trail) - 1
+        ins = [self.shard(x, v.aval, k) for v, x in zip(eqn.invars, invals)]
+        outs_k = [self.shard(x, v.aval, k) for v, x in zip(eqn.outvars, outs)]
+        return info, ins, outs_k
+
+    def describe(self, k: int) -> dict[str, Any]:
+        """Mesh axes, axis indices, device and process of the ``k``-th stacked shard."""
+        coord = self.coords[k]
+        device = process = None
+        if self.devices is not None:
+            d = self.devices[coord]
+            device, process = int(d.id), int(getattr(d, "process_index", 0))
+        return {
+            "axes": list(self.names),
+            "index": dict(zip(self.names, (int(c) for c in coord))),
+            "device": device,
+            "process": process,
+            "shards": int(np.prod(self.sizes, dtype=int)),
+            "local": True,
+        }
+
+
+def _dim_axes(entry: Any) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _spec_axes(spec: Any, ndim: int) -> list[tuple[str, ...]]:
+    entries = tuple(spec) if spec is not None else ()
+    return [_dim_axes(entries[d]) if d < len(entries) else () for d in range(ndim)]
+
+
+def to_stacked(x: Any, spec: Any, names: tuple[str, ...], sizes: dict[str, int]) -> Any:
+    """A global operand as its per-shard blocks, stacked on one leading axis per mesh axis."""
+    x = jnp.asarray(x)
+    dims = _spec_axes(spec, x.ndim)
+    shape: list[int] = []
+    pos: dict[str, int] = {}
+    block: list[int] = []
+    for d, axes in enumerate(dims):
+        for a in axes:
+            pos[a] = len(shape)
+            shape.append(sizes[a])
+        block.append(len(shape))
+        shape.append(x.shape[d] // int(np.prod([sizes[a] for a in axes], dtype=int)))
+    y = jnp.reshape(x, shape)
+    present = [a for a in names if a in pos]
+    y = jnp.transpose(y, [pos[a] for a in present] + block)
+    for i, a in enumerate(names):
+        if a not in pos:
+            y = jnp.expand_dims(y, i)
+    return jnp.broadcast_to(y, tuple(sizes[a] for a in names) + y.shape[len(names) :])
+
+
+def from_stacked(y: Any, spec: Any, names: tuple[str, ...], aval: Any) -> Any:
+    """The inverse of :func:`to_stacked`: the global value ``out_specs`` assembles."""
+    y = jnp.asarray(y)
+    dims = _spec_axes(spec, len(aval.shape))
+    used = {a for axes in dims for a in axes}
+    kept = [a for a in names if a in used]
+    y = y[tuple(slice(None) if a in used else 0 for a in names)]
+    n = len(kept)
+    perm: list[int] = []
+    for d, axes in enumerate(dims):
+        perm.extend(kept.index(a) for a in axes)
+        perm.append(n + d)
+    return jnp.reshape(jnp.transpose(y, perm), aval.shape)
+
+
+def _mesh_context(eqn: Any, walker: Any) -> tuple[Any, tuple[str, ...], dict[str, int]] | None:
+    p = eqn.params
+    mesh = p.get("mesh")
+    if mesh is None or "jaxpr" not in p or getattr(walker, "mapped", None) is not None:
+        return None  # a body inside a body: one opaque op
+    manual = p.get("newly_manual_axes") or p.get("manual_axes") or frozenset(mesh.axis_names)
+    names = tuple(a for a in mesh.axis_names if a in manual)
+    return mesh, names, {a: int(mesh.shape[a]) for a in names}
+
+
+def _devices(mesh: Any, names: tuple[str, ...]) -> np.ndarray | None:
+    devs = getattr(mesh, "devices", None)
+    if devs is None:
+        return None
+    try:
+        devs = np.asarray(devs)
+    except Exception:  # an abstract mesh has none
+        return None
+    idx = tuple(slice(None) if a in names else 0 for a in mesh.axis_names)
+    return devs[idx]
+
+
+def _addressable(x: Any) -> bool:
+    return not isinstance(x, jax.Array) or x.is_fully_addressable
+
+
+def walk_mapped(walker: Any, eqn: Any, invals, in_taints, site, out_flags, in_grad):
+    """Walks a ``shard_map`` body per shard; ``None`` when it must stay one opaque op."""
+    ctx = _mesh_context(eqn, walker)
+    if ctx is None:
+        return None
+    mesh, names, sizes = ctx
+    p = eqn.params
+    body = p["jaxpr"]
+    body, consts = (body.jaxpr, body.consts) if hasattr(body, "consts") else (body, ())
+    if len(body.invars) != len(invals) or body.constvars and len(consts) != len(body.constvars):
+        return None
+    devices = _devices(mesh, names)
+    if all(_addressable(x) for x in invals):
+        mapped = Mapped(
+            names,
+            tuple(sizes[a] for a in names),
+            tuple((a, sizes[a]) for a in names),
+            [tuple(int(i) for i in c) for c in np.ndindex(*(sizes[a] for a in names))],
+            devices,
+        )
+        stacked = [to_stacked(x, s, names, sizes) for x, s in zip(invals, p["in_specs"])]
+        outs, taints = _walk(
+            walker, mapped, body, consts, stacked, in_taints, site, out_flags, in_grad
+        )
+        glob = [
+            from_stacked(o, s, names, v.aval) for o, s, v in zip(outs, p["out_specs"], eqn.outvars)
+        ]
+        return glob, taints
+    return _walk_processes(
+        walker,
+        eqn,
+        mesh,
+        names,
+        sizes,
+        devices,
+        body,
+        consts,
+        invals,
+        in_taints,
+        site,
+        out_flags,
+        in_grad,
+    )
+
+
+def _walk(walker, mapped, body, consts, stacked, in_taints, site, out_flags, in_grad):
+    walker.mapped = mapped
+    try:
+        outs, taints, _ = walker._eval(
+            body, consts, stacked, list(in_taints), [in_grad] * len(stacked), site, out_flags
+        )
+    finally:
+        walker.mapped = None
+    return outs, taints
+
+
+def _local_blocks(x: Any, spec: Any, coords, devices, names, sizes, aval) -> Any:
+    """The blocks of ``x`` that this process holds, stacked in ``coords`` order."""
+    dims = _spec_axes(spec, len(aval.shape))
+    by_device = {s.device.id: s for s in x.addressable_shards}
+    blocks = []
+    for c in coords:
+        pos = dict(zip(names, c))
+        want = []
+        for d, axes in enumerate(dims):
+            n = int(aval.shape[d])
+            b = n // int(np.prod([sizes[a] for a in axes], dtype=int))
+            lin = 0
+            for a in axes:
+                lin = lin * sizes[a] + pos[a]
+            want.append((lin * b, lin * b + b))
+        s = by_device.get(int(devices[c].id))
+        if s is None:
+            raise _Stop
+        sub = []
+        for (lo, hi), sl in zip(want, s.index):
+            start = sl.start or 0
+            if lo < start or (sl.stop is not None and hi > sl.stop):
+                raise _Stop  # the array is laid out unlike the spec: not read here
+            sub.append(slice(lo - start, hi - start))
+        blocks.append(np.asarray(s.data)[tuple(sub)])
+    return jnp.asarray(np.stack(blocks))
+
+
+def _walk_processes(
+    walker,
+    eqn,
+    mesh,
+    names,
+    sizes,
+    devices,
+    body,
+    consts,
+    invals,
+    in_taints,
+    site,
+    out_flags,
+    in_grad,
+):
+    """Several processes: walk the local shards up to the first collective, then agree."""
+    from jax.experimental import multihost_utils
+
+    me = jax.process_index()
+    coords = [
+        tuple(int(i) for i in c)
+        for c in np.ndindex(*(sizes[a] for a in names))
+        if devices is not None and int(getattr(devices[c], "process_index", 0)) == me
+    ]
+    mapped = Mapped(
+        names, tuple(sizes[a] for a in names), ((None, len(coords)),), coords, devices, local=True
+    )
+    base = len(walker.origins)
+    mine = None
+    try:
+        if coords:
+            stacked = [
+                _local_blocks(x, s, coords, devices, names, sizes, v.aval)
+                if isinstance(x, jax.Array) and not x.is_fully_addressable
+                else x
+                for x, s, v in zip(invals, p_specs(eqn), eqn.invars)
+            ]
+            _walk(walker, mapped, body, consts, stacked, in_taints, site, out_flags, in_grad)
+    except _Stop:
+        walker.mapped = None
+    born = [o for o in walker.origins[base:] if "shard" in o.extra]
+    if born:
+        mine = born[0]
+    n_in = max((len(e.invars) for e, _ in mapped.trail), default=0)
+    row = np.zeros(_HEAD + _NSTATS * n_in, np.float32)
+    row[0] = np.inf
+    if mine is not None:
+        info = mine.extra["shard"]
+        glob = int(np.ravel_multi_index(tuple(info["index"].values()), mapped.sizes))
+        f32 = mine.extra.get("float32_finite")
+        row[:_HEAD] = [
+            info["step"],
+            glob,
+            _KIND[mine.kind],
+            _PHASES.index(mine.phase),
+            info["affected"],
+            -1 if f32 is None else int(f32),
+        ]
+        for i, s in enumerate(mine.inputs[:n_in]):
+            row[_HEAD + _NSTATS * i : _HEAD + _NSTATS * (i + 1)] = [
+                np.nan if s.min is None else s.min,
+                np.nan if s.max is None else s.max,
+                s.zeros,
+                s.negatives,
+                s.nonfinite,
+            ]
+    rows = np.asarray(multihost_utils.process_allgather(row)).reshape(-1, row.size)
+    outs = walker._bind(eqn, invals, site)  # the real step, run by every process
+    pick = min(range(rows.shape[0]), key=lambda r: (rows[r, 0], rows[r, 1]))
+    chosen = rows[pick]
+    if not np.isfinite(chosen[0]):
+        return None  # no process saw an origin before a collective: one opaque op
+    step, glob = int(chosen[0]), int(chosen[1])
+    affected = int(rows[np.isfinite(rows[:, 0]) & (rows[:, 0] == step), 4].sum())
+    if mine is not None and mine.extra["shard"]["step"] == step and pick == me:
+        origin = mine
+    else:
+        origin = _remote_origin(walker, mapped, step, chosen, site)
+        if origin is None:
+            return None
+    coord = np.unravel_index(glob, mapped.sizes)
+    info = mapped.describe(0) if coords else {}
+    info.update(
+        index=dict(zip(names, (int(c) for c in coord))),
+        device=int(devices[coord].id) if devices is not None else None,
+        process=int(getattr(devices[coord], "process_index", pick))
+        if devices is not None
+        else pick,
+        affected=affected,
+        shards=int(np.prod(mapped.sizes, dtype=int)),
+        local=origin is mine,
+        axes=list(names),
+        step=step,
+    )
+    origin.extra["shard"] = info
+    kinds = [
+        nonfinite_kind(o) if jnp.issubdtype(v.aval.dtype, jnp.inexact) else None
+        for v, o in zip(eqn.outvars, outs)
+    ]
+    return outs, [origin.index if k else None for k in kinds]
+
+
+def p_specs(eqn: Any) -> tuple[Any, ...]:
+    return eqn.params["in_specs"]
+
+
+def _remote_origin(walker, mapped: Mapped, step: int, row: np.ndarray, site) -> Any:
+    """The origin another process found, rebuilt from the equation this process also walked."""
+    from stablejax._src.debug.interpreter import _scope_names, _site_key
+    from stablejax._src.debug.values import Origin
+
+    if step >= len(mapped.trail):
+        return None
+    eqn, sub = mapped.trail[step]
+    stats = []
+    for i, v in enumerate(eqn.invars):
+        lo, hi, zeros, neg, bad = row[_HEAD + _NSTATS * i : _HEAD + _NSTATS * (i + 1)]
+        stats.append(
+            OperandStats(
+                tuple(int(d) for d in v.aval.shape),
+                str(v.aval.dtype),
+                None if np.isnan(lo) else float(lo),
+                None if np.isnan(hi) else float(hi),
+                int(zeros),
+                int(neg),
+                int(bad),
+            )
+        )
+    phase = _PHASES[int(row[3])]
+    key = _site_key(sub.frames, eqn.source_info.traceback)
+    origin = Origin(
+        index=len(walker.origins),
+        primitive=eqn.primitive.name,
+        kind="nan" if int(row[2]) == 2 else "inf",
+        phase=phase,
+        frames=sub.frames,
+        scopes=tuple(_scope_names(sub.name_stack)),
+        name_stack=str(sub.name_stack),
+        inputs=tuple(stats),
+        forward_op=walker._forward_op(key) if phase == "backward" else None,
+        site=key,
+    )
+    origin.extra["producers"] = [
+        None if isinstance(v, jcore.Literal) else walker._producer.get(v) for v in eqn.invars
+    ]
+    if row[5] >= 0:
+        origin.extra["float32_finite"] = bool(row[5])
+    walker.origins.append(origin)
+    return origin
+
+
+def report_fields(origin: Any) -> dict[str, Any]:
+    """The ``Report`` fields of an origin born inside a mapped body (none outside)."""
+    info = origin.extra.get("shard")
+    if not info:
+        return {}
+    return {
+        "mesh_axes": list(info["axes"]),
+        "shard_index": dict(info["index"]),
+        "shards_affected": int(info["affected"]),
+        "num_shards": int(info["shards"]),
+        "device": info["device"],
+        "process": info["process"],
+        "origin_local": bool(info["local"]),
+    }
