@@ -6,8 +6,9 @@ line ``RESULT {json}`` with what this process saw: the ``watch`` flags, the shar
 ``nonfinite_shards`` names here, the guard's skip counters and a digest of the
 parameters on each local device, for a healthy step, for the NaN step, and for
 the NaN step with a guard that has no ``axis_name``. With
-``--locate`` it also runs ``stablejax.debug.locate`` on the NaN step and adds its
-report (for when locate follows shard_map bodies across processes).
+``--locate`` it also runs ``stablejax.debug.locate`` on the NaN step (both processes,
+as every SPMD step runs) and adds its report: the body's equation and the shard,
+device and process where the NaN was born.
 """
 
 import hashlib

@@ -1,5 +1,5 @@
-"""Two processes, one 8-device mesh: watch names the process and shard where a NaN is born,
-and optim.guard(axis_name=...) makes every process skip together.
+"""Two processes, one 8-device mesh: watch and locate name the process and shard where a NaN
+is born, and optim.guard(axis_name=...) makes every process skip together.
 
 Each process runs tests/multiprocess_worker.py (4 CPU devices, gloo collectives,
 jax.distributed with a coordinator on a free localhost port) and prints one
@@ -64,7 +64,7 @@ def run_workers(*extra: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def results():
-    return run_workers()
+    return run_workers("--locate")
 
 
 def test_watch_names_the_process_and_shard(results):
@@ -79,6 +79,26 @@ def test_watch_names_the_process_and_shard(results):
     (shard,) = p1["nan"]["bad_shards"]
     assert (shard["process"], shard["path"], shard["index"]) == (1, "[2]", [[5, 6]])
     assert shard["device"] == p1["devices"][1]
+
+
+def test_locate_names_the_process_and_shard(results):
+    """The equation in the shard_map body, on global shard 5 (process 1's 2nd device).
+
+    Process 1 holds the shard and walks it; process 0 has no local origin and
+    reports the all-gathered answer (same equation, shard, device, operands).
+    """
+    p0, p1 = (r["locate"] for r in results)
+    for r in (p0, p1):
+        assert (r["primitive"], r["kind"], r["phase"]) == ("log", "inf", "forward")
+        assert r["source"] == "tests/multiprocess_worker.py:60"  # jnp.log(x @ w)
+        assert r["mesh_axes"] == ["data"] and r["shard_index"] == {"data": 5}
+        assert (r["shards_affected"], r["num_shards"]) == (1, 8)
+        assert r["process"] == 1 and r["device"] == results[1]["devices"][1]
+        assert r["reaches_output"]
+    assert p1["origin_local"] and not p0["origin_local"]
+    same = ("primitive", "category", "source", "module", "inputs", "shard_index", "device")
+    assert {k: p0[k] for k in same} == {k: p1[k] for k in same}
+    assert p1["inputs"][0]["zeros"] == 1  # x @ w is 0 on that row
 
 
 def test_guard_axis_name_makes_every_process_skip(results):

@@ -102,7 +102,8 @@ class Mapped:
             0 if not isinstance(v, jcore.Literal) and np.ndim(x) == v.aval.ndim + k else None
             for v, x in zip(eqn.invars, invals)
         ]
-        if not any(a == 0 for a in in_axes):  # nothing per shard: one value for all
+        if not any(a == 0 for a in in_axes) and eqn.primitive.name not in COLLECTIVES:
+            # Nothing per shard: one value for all.
             return [self.broadcast(o) for o in bind_fn(invals)]
 
         def f(*vals):
