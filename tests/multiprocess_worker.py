@@ -114,6 +114,16 @@ def main() -> None:
     if "--locate" in sys.argv:
         report = locate(step)(w, skipped, global_array(bad, P("data")))
         result["locate"] = None if report is None else report.to_dict()
+
+        def after_collective(x):
+            moved = jax.lax.ppermute(x, "data", [(i, (i + 1) % N) for i in range(N)])
+            return jnp.log(moved @ jnp.ones(D))  # AFTER: log(0) on shard 6, past a collective
+
+        shifted = jax.jit(
+            jax.shard_map(after_collective, mesh=mesh, in_specs=P("data"), out_specs=P("data"))
+        )
+        report = locate(shifted)(global_array(bad, P("data")))
+        result["locate_after_collective"] = None if report is None else report.to_dict()
     print("RESULT " + json.dumps(result), flush=True)
     jax.distributed.shutdown()
 

@@ -19,6 +19,11 @@ _WORKER = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
 _TIMEOUT_S = 150
 
 
+def _worker_line(marker: str) -> str:
+    with open(_WORKER) as f:
+        return f"tests/multiprocess_worker.py:{1 + next(i for i, t in enumerate(f) if marker in t)}"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -90,7 +95,7 @@ def test_locate_names_the_process_and_shard(results):
     p0, p1 = (r["locate"] for r in results)
     for r in (p0, p1):
         assert (r["primitive"], r["kind"], r["phase"]) == ("log", "inf", "forward")
-        assert r["source"] == "tests/multiprocess_worker.py:60"  # jnp.log(x @ w)
+        assert r["source"] == _worker_line("per_example = jnp.log(x @ w)")
         assert r["mesh_axes"] == ["data"] and r["shard_index"] == {"data": 5}
         assert (r["shards_affected"], r["num_shards"]) == (1, 8)
         assert r["process"] == 1 and r["device"] == results[1]["devices"][1]
@@ -99,6 +104,21 @@ def test_locate_names_the_process_and_shard(results):
     same = ("primitive", "category", "source", "module", "inputs", "shard_index", "device")
     assert {k: p0[k] for k in same} == {k: p1[k] for k in same}
     assert p1["inputs"][0]["zeros"] == 1  # x @ w is 0 on that row
+
+
+def test_locate_follows_a_collective_across_processes(results):
+    """Row 5 is sent one shard on by a ppermute before the log: born on shard 6 (device 2050).
+
+    The ppermute runs for real over the 8 devices of both processes.
+    """
+    p0, p1 = (r["locate_after_collective"] for r in results)
+    for r in (p0, p1):
+        assert (r["primitive"], r["kind"]) == ("log", "inf")
+        assert r["source"] == _worker_line("# AFTER:")
+        assert r["shard_index"] == {"data": 6} and r["shards_affected"] == 1
+        assert r["process"] == 1 and r["device"] == results[1]["devices"][2]
+    assert p1["origin_local"] and not p0["origin_local"]
+    assert p0["inputs"] == p1["inputs"]
 
 
 def test_guard_axis_name_makes_every_process_skip(results):

@@ -14,13 +14,13 @@ axes, the axis indices of the first shard where it was born, that shard's
 device and process, and how many shards hold it.
 
 Several processes (``jax.distributed``): a process cannot read another's
-shards. Each evaluates the shards it holds, up to the body's first collective
-(past it, the values would need the other processes' shards); the first origin
-of each process is then all-gathered, so every process reports the same
-equation, shard, device and process, with the operand statistics of the
-process that holds the shard (``Report.origin_local`` is ``False`` on the
-others). An origin after the first collective is not followed there: the
-report names the ``shard_map`` equation, as before.
+shards. Each walks the shards it holds; at a collective, its shards go in as
+its blocks of a global array and a ``shard_map`` holding only that collective
+runs on every process (each reaches it at the same point of the same walk), so
+the values past it are the devices' values. The first origin of each process
+is then all-gathered, so every process reports the same equation, shard,
+device and process, with the operand statistics of the process that holds the
+shard (``Report.origin_local`` is ``False`` on the others).
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ import numpy as np
 from jax.extend import core as jcore
 
 from stablejax._src.debug.values import OperandStats, nonfinite_kind
+from stablejax._src.jaxpr_bind import bind_equation
 
 MAPPED = frozenset({"shard_map"})
-# Primitives whose value depends on other shards: a multi-process walk stops there.
+# Primitives whose value depends on other shards: a multi-process walk runs them over
+# the whole mesh.
 COLLECTIVES = frozenset(
     {
         "psum",
@@ -65,7 +67,7 @@ _NSTATS = 5
 
 
 class _Stop(Exception):
-    """A multi-process walk reached a collective: the other processes' shards are needed."""
+    """A multi-process walk cannot go on here (a mesh with auto axes, an unusual layout)."""
 
 
 @dataclasses.dataclass
@@ -84,6 +86,7 @@ class Mapped:
     coords: list[tuple[int, ...]]
     devices: np.ndarray | None  # device per mesh position (manual axes), or None
     local: bool = False  # a multi-process walk of this process's shards
+    mesh: Any = None
     trail: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
 
     @property
@@ -92,9 +95,9 @@ class Mapped:
 
     def bind(self, eqn: Any, invals: list[Any], site: Any, bind_fn: Any) -> list[Any]:
         """Binds ``eqn`` once per shard, collectives over the mapped axes (``jax.vmap``)."""
-        if self.local and eqn.primitive.name in COLLECTIVES:
-            raise _Stop
         self.trail.append((eqn, site))
+        if self.local and eqn.primitive.name in COLLECTIVES:
+            return self._across_processes(eqn, invals)
         if eqn.primitive.name in _TYPE_CASTS:
             return list(invals)
         k = self.depth
@@ -112,6 +115,69 @@ class Mapped:
         for name, size in reversed(self.axes):
             f = jax.vmap(f, in_axes=tuple(in_axes), axis_name=name, axis_size=size)
         return list(f(*invals))
+
+    def _across_processes(self, eqn: Any, invals: list[Any]) -> list[Any]:
+        """A collective of a multi-process walk, run for real over the whole mesh.
+
+        This process's shards go in as its blocks of a global array; a
+        ``shard_map`` holding only this collective runs on every process (each
+        reaches it at the same point of the same walk); its local blocks come back.
+        """
+        mesh, n = self.mesh, len(self.names)
+        if mesh is None or self.devices is None or tuple(mesh.axis_names) != self.names:
+            raise _Stop  # auto axes besides the manual ones: not rebuilt here
+        name = eqn.primitive.name
+        if name == "axis_index":
+            axes = _dim_axes(eqn.params["axis_name"])
+            pos = [dict(zip(self.names, c)) for c in self.coords]
+            lin = [
+                int(np.ravel_multi_index([p[a] for a in axes], [mesh.shape[a] for a in axes]))
+                for p in pos
+            ]
+            return [jnp.asarray(lin, eqn.outvars[0].aval.dtype)]
+        at = {int(self.devices[c].id): k for k, c in enumerate(self.coords)}
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*self.names))
+        stacked, glob = [], []
+        for v, x in zip(eqn.invars, invals):
+            if isinstance(v, jcore.Literal) or np.ndim(x) != v.aval.ndim + 1:
+                stacked.append(None)
+                continue
+            shape = tuple(v.aval.shape)
+            host = np.asarray(x)
+            parts = [
+                jax.device_put(host[at[d.id]].reshape((1,) * n + shape), d)
+                for d in sharding.addressable_devices
+            ]
+            glob.append(
+                jax.make_array_from_single_device_arrays(self.sizes + shape, sharding, parts)
+            )
+            stacked.append(len(glob) - 1)
+        consts = [
+            None if k is not None else (v.val if isinstance(v, jcore.Literal) else np.asarray(x))
+            for v, x, k in zip(eqn.invars, invals, stacked)
+        ]
+
+        def one(*blocks):
+            vals = [c if k is None else blocks[k][(0,) * n] for c, k in zip(consts, stacked)]
+            return [o[(None,) * n] for o in _collective(eqn, vals)]
+
+        spec = jax.sharding.PartitionSpec(*self.names)
+        f = jax.shard_map(
+            one,
+            mesh=mesh,
+            in_specs=(spec,) * len(glob),
+            out_specs=[spec] * len(eqn.outvars),
+            check_vma=False,
+        )
+        # Outside the body's own (manual) mesh context: a fresh shard_map of the mesh.
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            outs = jax.jit(f)(*glob)
+        back = []
+        for v, o in zip(eqn.outvars, outs):
+            by_dev = {int(sh.device.id): sh.data for sh in o.addressable_shards}
+            blocks = [np.asarray(by_dev[int(self.devices[c].id)]) for c in self.coords]
+            back.append(jnp.asarray(np.stack(blocks).reshape((-1, *v.aval.shape))))
+        return back
 
     def broadcast(self, x: Any) -> Any:
         x = jnp.asarray(x)
@@ -157,6 +223,20 @@ class Mapped:
             "shards": int(np.prod(self.sizes, dtype=int)),
             "local": True,
         }
+
+
+def _collective(eqn: Any, vals: list[Any]) -> list[Any]:
+    """Binds a collective inside a ``check_vma=False`` ``shard_map``."""
+    p = eqn.params
+    if eqn.primitive.name == "psum_invariant":  # the check_vma spelling of psum
+        return [jax.lax.psum(vals[0], p["axes"])]
+    if eqn.primitive.name == "all_gather_invariant":
+        return [
+            jax.lax.all_gather(
+                vals[0], p["axis_name"], axis=p["all_gather_dimension"], tiled=p["tiled"]
+            )
+        ]
+    return bind_equation(eqn, vals)
 
 
 def _dim_axes(entry: Any) -> tuple[str, ...]:
@@ -332,7 +412,7 @@ def _walk_processes(
     out_flags,
     in_grad,
 ):
-    """Several processes: walk the local shards up to the first collective, then agree."""
+    """Several processes: walk the local shards (collectives over the mesh), then agree."""
     from jax.experimental import multihost_utils
 
     me = jax.process_index()
@@ -342,7 +422,13 @@ def _walk_processes(
         if devices is not None and int(getattr(devices[c], "process_index", 0)) == me
     ]
     mapped = Mapped(
-        names, tuple(sizes[a] for a in names), ((None, len(coords)),), coords, devices, local=True
+        names,
+        tuple(sizes[a] for a in names),
+        ((None, len(coords)),),
+        coords,
+        devices,
+        local=True,
+        mesh=mesh,
     )
     base = len(walker.origins)
     mine = None
