@@ -104,6 +104,9 @@ def main() -> None:
         }
 
 
+    import time as _t
+
+    started = _t.perf_counter()
     result = {"process": jax.process_index(), "devices": [d.id for d in jax.local_devices()]}
     result["healthy"] = run(x_host)
     bad = x_host.copy()
@@ -112,8 +115,12 @@ def main() -> None:
     # The contrast axis_name exists for: each shard's guard decides alone.
     result["nan_without_axis_name"] = run(bad, watch(make_step(None)))
     if "--locate" in sys.argv:
+        import time
+
+        t0 = time.perf_counter()
         report = locate(step)(w, skipped, global_array(bad, P("data")))
         result["locate"] = None if report is None else report.to_dict()
+        result["locate1_s"] = round(time.perf_counter() - t0, 2)
 
         def after_collective(x):
             moved = jax.lax.ppermute(x, "data", [(i, (i + 1) % N) for i in range(N)])
@@ -124,6 +131,8 @@ def main() -> None:
         )
         report = locate(shifted)(global_array(bad, P("data")))
         result["locate_after_collective"] = None if report is None else report.to_dict()
+        result["locate_s"] = round(time.perf_counter() - t0, 2)
+    result["total_s"] = round(_t.perf_counter() - started, 2)
     print("RESULT " + json.dumps(result), flush=True)
     jax.distributed.shutdown()
 
