@@ -170,3 +170,19 @@ def test_stacked_blocks_are_the_devices_blocks(mesh2, spec):
     aval = jax.core.ShapedArray(x.shape, x.dtype)
     back = shards.from_stacked(stacked, spec, ("data", "model"), aval)
     np.testing.assert_array_equal(back, x)
+
+
+def test_taints_are_per_shard(mesh):
+    """A NaN on shard 1 that is masked later does not own a new NaN born on shard 6."""
+
+    def body(x):
+        a = jnp.sqrt(x)  # NaN on shard 1 (sqrt(-1)), masked below
+        b = a / jnp.sum(a * a, axis=-1, keepdims=True)  # 0/0 on shard 6: the real one
+        return jnp.where((x < 0).any(axis=-1, keepdims=True), 0.0, b).sum(axis=-1)
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("data"), out_specs=P("data")))
+    x = jnp.ones((N, 2)).at[1, 0].set(-1.0).at[6].set(0.0)
+    r = locate(f)(x)
+    assert (r.primitive, r.kind, r.shard_index) == ("div", "nan", {"data": 6})
+    assert r.reaches_output and r.shards_affected == 1
+    assert r.source == _line(body, "b = a / jnp.sum(")

@@ -306,6 +306,8 @@ class Walker:
         kinds = [nonfinite_kind(o) if is_float(v.aval) else None for v, o in zip(eqn.outvars, outs)]
         if not any(kinds):
             return outs, [None] * len(outs)
+        if self.mapped is not None:  # taints per shard
+            return outs, shards.leaf_taints(self, eqn, invals, in_taints, outs, kinds, site, phase)
         real = [t for t in in_taints if t is not None and t != INTENTIONAL]
         if real:
             t = min(real)
@@ -406,7 +408,9 @@ class Walker:
             carry, carry_t = outs[:ncarry], taints[:ncarry]
             for j, (y, t) in enumerate(zip(outs[ncarry:], taints[ncarry:])):
                 ys_vals[j][i] = y
-                if t is not None and (ys_taints[j] is None or _earlier(t, ys_taints[j])):
+                if d and t is not None:
+                    ys_taints[j] = shards.merge(ys_taints[j], t, len(self.mapped.coords))
+                elif t is not None and (ys_taints[j] is None or _earlier(t, ys_taints[j])):
                     ys_taints[j] = t
         ys = []
         for j, v in enumerate(eqn.outvars[ncarry:]):

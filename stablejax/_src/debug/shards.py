@@ -59,6 +59,7 @@ COLLECTIVES = frozenset(
 # Casts of the varying-across-mesh type only (``check_vma``): the identity per shard.
 _TYPE_CASTS = frozenset({"pvary", "reduced_vary_cast_p", "vary_unreduced_cast"})
 _PHASES = ("forward", "backward", "update")
+INTENTIONAL = -1  # interpreter.INTENTIONAL: the taint of a -inf mask written in the program
 _KIND = {"inf": 1, "nan": 2}
 # The all-gathered row: step, global shard, kind, phase, shards, float32 verdict; then
 # min, max, zeros, negatives, nonfinite per operand.
@@ -88,6 +89,7 @@ class Mapped:
     local: bool = False  # a multi-process walk of this process's shards
     mesh: Any = None
     trail: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
+    born: np.ndarray | None = None  # the shards where the origin being made was born
 
     @property
     def depth(self) -> int:
@@ -189,17 +191,26 @@ class Mapped:
             return x
         return jnp.reshape(jnp.asarray(x), (-1, *aval.shape))[k]
 
+    def bad_mask(self, x: Any, aval: Any) -> np.ndarray | None:
+        """Per stacked shard, whether ``x`` holds a NaN/Inf there (``None``: not per shard)."""
+        if np.ndim(x) != len(aval.shape) + self.depth:
+            return None
+        arr = np.asarray(jnp.reshape(jnp.asarray(x), (len(self.coords), -1)))
+        if arr.dtype.kind == "V" or (arr.dtype.kind == "f" and arr.dtype.itemsize < 4):
+            arr = arr.astype(np.float32)
+        if arr.dtype.kind not in "fc":
+            return np.zeros(len(self.coords), bool)
+        return ~np.isfinite(arr).all(axis=1)
+
     def select(self, eqn: Any, invals: list[Any], outs: list[Any]) -> tuple[dict, list, list]:
-        """The first shard whose outputs of ``eqn`` are non-finite, and its operands."""
-        bad = np.zeros(len(self.coords), bool)
-        for v, o in zip(eqn.outvars, outs):
-            if np.ndim(o) != len(v.aval.shape) + self.depth:
-                continue
-            arr = np.asarray(jnp.reshape(jnp.asarray(o), (len(self.coords), -1)))
-            if arr.dtype.kind == "V" or arr.dtype.itemsize < 4:
-                arr = arr.astype(np.float32)
-            if arr.dtype.kind in "fc":
-                bad |= ~np.isfinite(arr).all(axis=1)
+        """The first shard where ``eqn`` made a non-finite value, and its operands there."""
+        bad = self.born
+        if bad is None:
+            bad = np.zeros(len(self.coords), bool)
+            for v, o in zip(eqn.outvars, outs):
+                m = self.bad_mask(o, v.aval)
+                if m is not None:
+                    bad |= m
         k = int(np.argmax(bad)) if bad.any() else 0
         info = self.describe(k)
         info["affected"] = int(bad.sum())
@@ -223,6 +234,88 @@ class Mapped:
             "shards": int(np.prod(self.sizes, dtype=int)),
             "local": True,
         }
+
+
+def _per_shard(t: Any, n: int) -> tuple:
+    return t if isinstance(t, tuple) else (t,) * n
+
+
+def collapse(t: Any) -> int | None:
+    """One taint for a whole value: the earliest real origin on any shard."""
+    if not isinstance(t, tuple):
+        return t
+    seen = [x for x in t if x is not None]
+    real = [x for x in seen if x != INTENTIONAL]
+    return min(real) if real else (INTENTIONAL if seen else None)
+
+
+def merge(a: Any, b: Any, n: int) -> Any:
+    """Per shard, the earlier of two taints (a real origin before a mask)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    out = []
+    for x, y in zip(_per_shard(a, n), _per_shard(b, n)):
+        both = [t for t in (x, y) if t is not None]
+        real = [t for t in both if t != INTENTIONAL]
+        out.append(min(real) if real else (INTENTIONAL if both else None))
+    return tuple(out)
+
+
+def input_taints(mapped: Mapped, vals: list[Any], avals: list[Any], taints: list[Any]) -> list:
+    """A body's operand taints, kept only on the shards where the operand is non-finite."""
+    out = []
+    for x, aval, t in zip(vals, avals, taints):
+        m = mapped.bad_mask(x, aval) if t is not None else None
+        out.append(t if m is None else (tuple(t if b else None for b in m) if m.any() else None))
+    return out
+
+
+def leaf_taints(walker, eqn, invals, in_taints, outs, kinds, site, phase) -> list:
+    """The walker's taint rule, shard by shard (a collective reads every shard)."""
+    mapped: Mapped = walker.mapped
+    n = len(mapped.coords)
+    out_bad = [
+        (mapped.bad_mask(o, v.aval) if k else None) for v, o, k in zip(eqn.outvars, outs, kinds)
+    ]
+    out_bad = [
+        np.zeros(n, bool) if k is None else (np.ones(n, bool) if m is None else m)
+        for m, k in zip(out_bad, kinds)
+    ]
+    any_bad = np.any(out_bad, axis=0)
+    ins = [_per_shard(t, n) for t in in_taints]
+    made_nan = "nan" in kinds and not any(
+        t == INTENTIONAL and nonfinite_kind(val) == "nan" for t, val in zip(in_taints, invals)
+    )
+    across = eqn.primitive.name in COLLECTIVES or any(
+        hasattr(p, "eqns") or hasattr(p, "jaxpr") for p in eqn.params.values()
+    )
+    per = []
+    for sh in range(n):
+        cols = [t for ti in ins for t in (ti if across else (ti[sh],)) if t is not None]
+        real = [t for t in cols if t != INTENTIONAL]
+        if not any_bad[sh]:
+            per.append(None)
+        elif real:
+            per.append(min(real))
+        elif INTENTIONAL in cols and not made_nan:
+            per.append(INTENTIONAL)
+        else:
+            per.append("new")
+    born = np.array([t == "new" for t in per])
+    if born.any():
+        mapped.born = born
+        try:
+            new = walker._new_origin(eqn, invals, outs, kinds, site, phase)
+        finally:
+            mapped.born = None
+        per = [new if t == "new" else t for t in per]
+    taints = []
+    for m in out_bad:
+        t = tuple(per[sh] if m[sh] else None for sh in range(n))
+        taints.append(None if all(x is None for x in t) else t)
+    return taints
 
 
 def _collective(eqn: Any, vals: list[Any]) -> list[Any]:
@@ -334,9 +427,11 @@ def walk_mapped(walker: Any, eqn: Any, invals, in_taints, site, out_flags, in_gr
             devices,
         )
         stacked = [to_stacked(x, s, names, sizes) for x, s in zip(invals, p["in_specs"])]
+        body_taints = input_taints(mapped, stacked, [v.aval for v in body.invars], in_taints)
         outs, taints = _walk(
-            walker, mapped, body, consts, stacked, in_taints, site, out_flags, in_grad
+            walker, mapped, body, consts, stacked, body_taints, site, out_flags, in_grad
         )
+        taints = [collapse(t) for t in taints]
         glob = [
             from_stacked(o, s, names, v.aval) for o, s, v in zip(outs, p["out_specs"], eqn.outvars)
         ]
@@ -440,7 +535,8 @@ def _walk_processes(
                 else x
                 for x, s, v in zip(invals, p_specs(eqn), eqn.invars)
             ]
-            _walk(walker, mapped, body, consts, stacked, in_taints, site, out_flags, in_grad)
+            body_taints = input_taints(mapped, stacked, [v.aval for v in body.invars], in_taints)
+            _walk(walker, mapped, body, consts, stacked, body_taints, site, out_flags, in_grad)
     except _Stop:
         walker.mapped = None
     born = [o for o in walker.origins[base:] if "shard" in o.extra]
