@@ -186,3 +186,17 @@ def test_taints_are_per_shard(mesh):
     assert (r.primitive, r.kind, r.shard_index) == ("div", "nan", {"data": 6})
     assert r.reaches_output and r.shards_affected == 1
     assert r.source == _line(body, "b = a / jnp.sum(")
+
+
+def test_explicit_mesh_from_make_mesh():
+    """jax.make_mesh gives Explicit axes: forward, and grad under jax.set_mesh."""
+    if jax.device_count() < N:
+        pytest.skip("needs 8 (virtual) devices")
+    mesh = jax.make_mesh((N,), ("data",))
+    f = jax.jit(jax.shard_map(normalized_sum, mesh=mesh, in_specs=P("data"), out_specs=P("data")))
+    x = jax.device_put(_zero_row(2), NamedSharding(mesh, P("data")))
+    r = locate(f)(x)
+    assert (r.primitive, r.shard_index, r.device) == ("div", {"data": 2}, mesh.devices[2].id)
+    with jax.set_mesh(mesh):
+        r = locate(jax.jit(jax.grad(lambda x: f(x).sum())))(x)
+    assert (r.phase, r.op, r.shard_index) == ("backward", "sqrt", {"data": 2})

@@ -255,6 +255,10 @@ def spec_axes(spec: Any, ndim: int) -> list[tuple[str, ...]]:
 
 def to_stacked(x: Any, spec: Any, names: tuple[str, ...], sizes: dict[str, int]) -> Any:
     """A global operand as its per-shard blocks, stacked on one leading axis per mesh axis."""
+    if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+        # On one device, unsharded: the stacked axes stand for the mesh (and an
+        # `Explicit` mesh's sharding must not follow the values into the walk).
+        x = np.asarray(x)
     x = jnp.asarray(x)
     dims = spec_axes(spec, x.ndim)
     shape: list[int] = []
@@ -290,6 +294,16 @@ def from_stacked(y: Any, spec: Any, names: tuple[str, ...], aval: Any) -> Any:
     return jnp.reshape(jnp.transpose(y, perm), aval.shape)
 
 
+def _placed(x: Any, mesh: Any, aval: Any) -> Any:
+    """On an ``Explicit`` mesh, the output placed as its type says (later ops check it)."""
+    spec = getattr(getattr(aval, "sharding", None), "spec", None)
+    explicit = any("Explicit" in str(t) for t in getattr(mesh, "axis_types", ()))
+    mesh = _concrete(mesh) if explicit and spec is not None else None
+    if mesh is None:
+        return x
+    return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+
+
 def _mesh_context(eqn: Any, walker: Any) -> tuple[Any, tuple[str, ...], dict[str, int]] | None:
     p = eqn.params
     mesh = p.get("mesh")
@@ -297,17 +311,35 @@ def _mesh_context(eqn: Any, walker: Any) -> tuple[Any, tuple[str, ...], dict[str
         return None  # a body inside a body: one opaque op
     manual = p.get("newly_manual_axes") or p.get("manual_axes") or frozenset(mesh.axis_names)
     names = tuple(a for a in mesh.axis_names if a in manual)
+    if any(a not in manual and int(mesh.shape[a]) > 1 for a in mesh.axis_names):
+        return None  # auto axes besides the manual ones (`axis_names=`): one opaque op
     return mesh, names, {a: int(mesh.shape[a]) for a in names}
 
 
-def _devices(mesh: Any, names: tuple[str, ...]) -> np.ndarray | None:
-    devs = getattr(mesh, "devices", None)
-    if devs is None:
-        return None
+def _concrete(mesh: Any) -> Any:
+    """The ``jax.sharding.Mesh`` of ``mesh`` (for an abstract one, that of ``jax.set_mesh``)."""
     try:
-        devs = np.asarray(devs)
-    except Exception:  # an abstract mesh has none
+        np.asarray(mesh.devices)
+        return mesh
+    except Exception:
+        pass
+    try:
+        ctx = jax.sharding.get_mesh()
+        np.asarray(ctx.devices)
+    except Exception:
         return None
+    same = tuple(ctx.axis_names) == tuple(mesh.axis_names) and all(
+        ctx.shape[a] == mesh.shape[a] for a in mesh.axis_names
+    )
+    return ctx if same else None
+
+
+def _devices(mesh: Any, names: tuple[str, ...]) -> np.ndarray | None:
+    """The device at each position of the manual axes (the first along any auto axis)."""
+    mesh = _concrete(mesh)
+    if mesh is None:
+        return None
+    devs = np.asarray(mesh.devices)
     idx = tuple(slice(None) if a in names else 0 for a in mesh.axis_names)
     return devs[idx]
 
@@ -336,16 +368,18 @@ def walk_mapped(walker: Any, eqn: Any, invals, in_taints, site, out_flags, in_gr
             [tuple(int(i) for i in c) for c in np.ndindex(*(sizes[a] for a in names))],
             devices,
         )
-        stacked = [to_stacked(x, s, names, sizes) for x, s in zip(invals, p["in_specs"])]
-        body_taints = input_taints(mapped, stacked, [v.aval for v in body.invars], in_taints)
-        outs, taints = walk_body(
-            walker, mapped, body, consts, stacked, body_taints, site, out_flags, in_grad
-        )
-        taints = [collapse(t) for t in taints]
-        glob = [
-            from_stacked(o, s, names, v.aval) for o, s, v in zip(outs, p["out_specs"], eqn.outvars)
-        ]
-        return glob, taints
+        with _no_mesh():  # a `jax.set_mesh` around locate would shard the stacked values
+            stacked = [to_stacked(x, s, names, sizes) for x, s in zip(invals, p["in_specs"])]
+            body_taints = input_taints(mapped, stacked, [v.aval for v in body.invars], in_taints)
+            outs, taints = walk_body(
+                walker, mapped, body, consts, stacked, body_taints, site, out_flags, in_grad
+            )
+            glob = [
+                from_stacked(o, s, names, v.aval)
+                for o, s, v in zip(outs, p["out_specs"], eqn.outvars)
+            ]
+        glob = [_placed(g, mesh, v.aval) for g, v in zip(glob, eqn.outvars)]
+        return glob, [collapse(t) for t in taints]
     from stablejax._src.debug import processes
 
     return processes.walk_processes(
@@ -365,12 +399,19 @@ def walk_mapped(walker: Any, eqn: Any, invals, in_taints, site, out_flags, in_gr
     )
 
 
+def _no_mesh() -> Any:
+    return jax.set_mesh(None)
+
+
 def walk_body(walker, mapped, body, consts, stacked, in_taints, site, out_flags, in_grad):
     walker.mapped = mapped
     try:
-        outs, taints, _ = walker._eval(
-            body, consts, stacked, list(in_taints), [in_grad] * len(stacked), site, out_flags
-        )
+        # No mesh context in the walk: the stacked axes stand for the mesh, the
+        # values live on one device (a `jax.set_mesh` around locate stays outside).
+        with _no_mesh():
+            outs, taints, _ = walker._eval(
+                body, consts, stacked, list(in_taints), [in_grad] * len(stacked), site, out_flags
+            )
     finally:
         walker.mapped = None
     return outs, taints
