@@ -299,9 +299,7 @@ class Walker:
             zeros = [jnp.zeros(v.aval.shape, v.aval.dtype) for v in eqn.outvars]
             if self.mapped is not None:
                 zeros = [self.mapped.broadcast(z) for z in zeros]
-            return zeros, [
-                None for _ in eqn.outvars
-            ]
+            return zeros, [None for _ in eqn.outvars]
         outs = self._bind(eqn, invals, site)
         kinds = [nonfinite_kind(o) if is_float(v.aval) else None for v, o in zip(eqn.outvars, outs)]
         if not any(kinds):
