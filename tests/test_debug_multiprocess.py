@@ -16,8 +16,8 @@ import sys
 import pytest
 
 _WORKER = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
-# Bounded, never a hang: both processes are killed past it. The run takes 55-120 s on the
-# shared 2-core machine at load average 9-12 (locate walks the step's body per shard,
+# Bounded, never a hang: both processes are killed past it. The run takes 77-121 s on the
+# shared 2-core machine at load average 8-12 (locate walks the step's body per shard,
 # op by op, on both processes), about 35 s of it without locate.
 _TIMEOUT_S = 300
 
