@@ -200,3 +200,13 @@ def test_explicit_mesh_from_make_mesh():
     with jax.set_mesh(mesh):
         r = locate(jax.jit(jax.grad(lambda x: f(x).sum())))(x)
     assert (r.phase, r.op, r.shard_index) == ("backward", "sqrt", {"data": 2})
+
+
+def test_nan_trap_reports_the_shard(mesh):
+    from stablejax.debug import NonFiniteError, nan_trap
+
+    f = jax.jit(jax.shard_map(normalized_sum, mesh=mesh, in_specs=P("data"), out_specs=P("data")))
+    with pytest.raises(NonFiniteError) as err, nan_trap():
+        f(_zero_row(3))
+    r = err.value.report
+    assert (r.primitive, r.shard_index, r.device) == ("div", {"data": 3}, mesh.devices[3].id)
