@@ -37,6 +37,12 @@ def bce_loss(logits, y):
     return -jnp.mean(y * jnp.log(p) + (1 - y) * jnp.log(1 - p))
 
 
+def per_example_loss(w, x):
+    """The log of a linear model's output: the log is the model's, not a loss construct."""
+    per_example = jnp.log(x @ w)  # x @ w is 0 for the second example
+    return jnp.mean(per_example)
+
+
 def f16_adam_step(params, grads):
     """float16 parameters and Adam state: eps=1e-8 rounds to 0 in float16, 0/0 where g = 0."""
     opt = optax.adam(1e-3, eps=1e-8)
@@ -108,6 +114,12 @@ ZOO = {
     "log_of_parameter_out_of_domain": (
         gaussian_nll_loss,
         ({"var": jnp.array([0.5, -0.1])}, jnp.ones((3, 2))),
+        ("log", "forward", "forward_singularity"),
+        None,
+    ),
+    "log_of_activation_in_loss": (
+        per_example_loss,
+        (jnp.array([1.0, -1.0]), jnp.array([[2.0, 1.0], [1.0, 1.0]])),
         ("log", "forward", "forward_singularity"),
         None,
     ),

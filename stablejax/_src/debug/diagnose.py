@@ -99,7 +99,7 @@ def _loss_construct(op: str | None, origin: Origin, context: str) -> bool:
     if op in _LOG_OPS:
         if _producer(origin, 0) is None and "sigmoid" not in text and "softmax" not in text:
             return False
-        return bool(re.search(r"sigmoid|softmax|logistic|prob|exp|gather|1-|p\b", text))
+        return bool(re.search(r"sigmoid|softmax|logistic|prob|exp2?\(|gather|1-|(?<![\w.])p\b", text))
     if op in _ROOT_OPS:
         return bool(re.search(r"\*\*2|square|abs\(|integer_pow|\(pred|-y\)|err", text))
     if op == "div":
