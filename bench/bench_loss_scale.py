@@ -27,7 +27,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -35,7 +34,7 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.bench_optim import build_step, hlo_stats, make_params, quantile, time_block  # noqa: E402
+from bench.abba import interleave, make_params, prepare, quantile  # noqa: E402
 from stablejax import optim  # noqa: E402
 
 
@@ -71,38 +70,18 @@ def main(argv: list[str] | None = None) -> dict:
     base = make_params()
     n_params = sum(x.size for x in jax.tree.leaves(base))
     grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), base)
-    runs = {}
-    for donate in (False, True):
-        for name, (inner, wrapped, with_loss) in pairs().items():
-            for role, tx in (("A", inner), ("B", wrapped)):
-                params = jax.tree.map(jnp.copy, base)
-                state = tx.init(params)
-                step = build_step(tx, donate, with_loss)
-                hlo = hlo_stats(step, params, state, grads)
-                params, state = step(params, state, grads)
-                jax.block_until_ready(params)
-                runs[(donate, name, role)] = {
-                    "step": step, "params": params, "state": state, "hlo": hlo,
-                    "steps": [], "ratios": [],
-                }
-
+    runs = {
+        (donate, name, role): prepare(tx, base, grads, donate, with_loss)
+        for donate in (False, True)
+        for name, (inner, wrapped, with_loss) in pairs().items()
+        for role, tx in (("A", inner), ("B", wrapped))
+    }
     names = list(pairs())
-    t_start = time.perf_counter()
-    for r in range(args.warmup + args.rounds):
-        k = r % len(names)
-        for donate in (False, True):
-            for name in names[k:] + names[:k]:
-                a_run, b_run = runs[(donate, name, "A")], runs[(donate, name, "B")]
-                a = time_block(a_run, grads, args.steps)
-                b = time_block(b_run, grads, args.steps)
-                b += time_block(b_run, grads, args.steps)
-                a += time_block(a_run, grads, args.steps)
-                if r < args.warmup:
-                    continue
-                b_run["ratios"].append(statistics.median(b) / statistics.median(a))
-                b_run["steps"] += b
-                a_run["steps"] += a
-    elapsed = time.perf_counter() - t_start
+    groups = [
+        [(runs[(donate, name, "A")], runs[(donate, name, "B")]) for name in names]
+        for donate in (False, True)
+    ]
+    elapsed = interleave(groups, grads, rounds=args.rounds, warmup=args.warmup, steps=args.steps)
 
     rows = []
     for donate in (False, True):

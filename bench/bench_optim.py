@@ -37,7 +37,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -45,20 +44,8 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.hlo_traffic import full_size_traffic  # noqa: E402
+from bench.abba import interleave, make_params, prepare, quantile  # noqa: E402
 from stablejax import optim  # noqa: E402
-
-
-def make_params(n_layers: int = 24, width: int = 640, fan_in: int = 320) -> dict:
-    key = jax.random.key(0)
-    params = {}
-    for i in range(n_layers):
-        key, sub = jax.random.split(key)
-        params[f"layer_{i:02d}"] = {
-            "kernel": 0.02 * jax.random.normal(sub, (fan_in, width)),
-            "bias": jnp.zeros((width,)),
-        }
-    return params
 
 
 def variants() -> dict[str, optax.GradientTransformation]:
@@ -86,49 +73,6 @@ def variants() -> dict[str, optax.GradientTransformation]:
 _WITH_LOSS = ("stable_adamw(loss=)",)
 
 
-def build_step(tx, donate: bool, with_loss: bool = False):
-    def step(params, state, grads):
-        extra = {"loss": jnp.float32(1.0)} if with_loss else {}
-        updates, state = tx.update(grads, state, params, **extra)
-        return optax.apply_updates(params, updates), state
-
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
-
-
-_BIG = 1 << 16  # elements: a buffer at least this large counts as a pass
-
-
-def hlo_stats(step, params, state, grads) -> dict:
-    """Line count and full-size buffer traffic of the compiled module's entry computation."""
-    text = step.lower(params, state, grads).compile().as_text()
-    traffic = full_size_traffic(text, _BIG)
-    return {
-        "lines": len(text.splitlines()),
-        "big_reads": traffic["reads"],
-        "big_writes": traffic["writes"],
-        "big_copies": traffic["copies"],
-    }
-
-
-def quantile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def time_block(run: dict, grads, steps: int) -> list[float]:
-    p, s, times = run["params"], run["state"], []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        p, s = run["step"](p, s, grads)
-        jax.block_until_ready((p, s))
-        times.append(time.perf_counter() - t0)
-    run["params"], run["state"] = p, s
-    return times
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=24)
@@ -145,42 +89,17 @@ def main(argv: list[str] | None = None) -> dict:
     n_leaves = len(jax.tree.leaves(base))
     grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), base)
     plain_name = "plain chain(clip, adamw)"
-    runs = {}
-    for donate in (False, True):
-        for name, tx in variants().items():
-            params = jax.tree.map(jnp.copy, base)
-            state = tx.init(params)
-            step = build_step(tx, donate, name in _WITH_LOSS)
-            hlo = hlo_stats(step, params, state, grads)
-            params, state = step(params, state, grads)  # compile + warm up
-            jax.block_until_ready(params)
-            runs[(donate, name)] = {
-                "step": step,
-                "params": params,
-                "state": state,
-                "hlo": hlo,
-                "steps": [],
-                "ratios": [],
-            }
-
+    runs = {
+        (donate, name): prepare(tx, base, grads, donate, name in _WITH_LOSS)
+        for donate in (False, True)
+        for name, tx in variants().items()
+    }
     others = [name for name in variants() if name != plain_name]
-    t_start = time.perf_counter()
-    for r in range(args.warmup + args.rounds):
-        k = r % len(others)
-        for donate in (False, True):
-            plain = runs[(donate, plain_name)]
-            for name in others[k:] + others[:k]:
-                run = runs[(donate, name)]
-                a = time_block(plain, grads, args.steps)
-                b = time_block(run, grads, args.steps)
-                b += time_block(run, grads, args.steps)
-                a += time_block(plain, grads, args.steps)
-                if r < args.warmup:
-                    continue
-                run["ratios"].append(statistics.median(b) / statistics.median(a))
-                run["steps"] += b
-                plain["steps"] += a
-    elapsed = time.perf_counter() - t_start
+    groups = [
+        [(runs[(donate, plain_name)], runs[(donate, name)]) for name in others]
+        for donate in (False, True)
+    ]
+    elapsed = interleave(groups, grads, rounds=args.rounds, warmup=args.warmup, steps=args.steps)
 
     rows = []
     for (donate, name), run in runs.items():
