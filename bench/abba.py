@@ -12,6 +12,7 @@ first ``warmup`` rounds are not recorded.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -37,6 +38,28 @@ def make_params(n_layers: int = 24, width: int = 640, fan_in: int = 320) -> dict
             "bias": jnp.zeros((width,)),
         }
     return params
+
+
+def arguments(description: str, argv: list[str] | None, *, rounds: int, steps: int,
+              quick: tuple[int, int], out: Path) -> argparse.Namespace:
+    """The benches' command line: ``--rounds --steps --warmup --quick --out``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--steps", type=int, default=steps, help="steps per A or B run of a block")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{quick[0]} rounds of {quick[1]} steps, no warm-up")
+    parser.add_argument("--out", default=str(out))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.steps, args.warmup = quick[0], quick[1], 0
+    return args
+
+
+def workload() -> tuple[dict, dict]:
+    """The parameters of :func:`make_params` and a small constant gradient like them."""
+    base = make_params()
+    return base, jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), base)
 
 
 def build_step(tx, donate: bool, with_loss: bool = False):

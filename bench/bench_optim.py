@@ -5,7 +5,8 @@ on about 5M float32 parameters in 48 leaves, twice: without buffer donation and
 with params and optimizer state donated (``donate_argnums``). The baseline is
 optax's own ``chain(clip_by_global_norm(1.0), adamw(1e-3))``.
 
-Timing, made for a small shared machine: after warm-up rounds, every round times
+Timing (``bench/abba.py``, shared with ``bench/bench_loss_scale.py``), made for a
+small shared machine: after warm-up rounds, every round times
 each variant against the plain chain of the same mode in an ABBA block (plain,
 variant, variant, plain; ``--steps`` steps each, every step synchronised and
 timed alone), so drift within the block cancels. A round's ratio is the median
@@ -31,7 +32,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -40,11 +40,10 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.abba import interleave, make_params, prepare, quantile  # noqa: E402
+from bench.abba import arguments, interleave, prepare, quantile, workload  # noqa: E402
 from stablejax import optim  # noqa: E402
 
 
@@ -74,20 +73,11 @@ _WITH_LOSS = ("stable_adamw(loss=)",)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=24)
-    parser.add_argument("--steps", type=int, default=8, help="steps per A or B run of a block")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    parser.add_argument("--quick", action="store_true", help="3 rounds of 3 steps, no warm-up")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "optim.json"))
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.rounds, args.steps, args.warmup = 3, 3, 0
-
-    base = make_params()
+    args = arguments(__doc__.splitlines()[0], argv, rounds=24, steps=8, quick=(3, 3),
+                     out=Path(__file__).parent / "results" / "optim.json")
+    base, grads = workload()
     n_params = sum(x.size for x in jax.tree.leaves(base))
     n_leaves = len(jax.tree.leaves(base))
-    grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), base)
     plain_name = "plain chain(clip, adamw)"
     runs = {
         (donate, name): prepare(tx, base, grads, donate, name in _WITH_LOSS)

@@ -132,8 +132,8 @@ def _overflow_check(leaves: list[Any], inv: Array | None) -> tuple[Array, Array]
     the per-leaf float32 sums of squares :math:`S_\\ell` a global norm needs
     anyway. If :math:`\\sum_\\ell S_\\ell` and :math:`\\sum_\\ell S_\\ell/s^2` are
     finite, every entry of :math:`g_s/s` is, and its sums of squares are
-    :math:`S_\\ell / s^2` (bit for bit those of :math:`g_s/s` for a power-of-two
-    scale, barring float32 underflow). Only when they are not (a NaN or Inf
+    :math:`S_\\ell / s^2` (for a power-of-two scale those of :math:`g_s/s`, up to
+    the order in which XLA sums them). Only when they are not (a NaN or Inf
     entry, or finite squares overflowing float32, which float16 gradients never
     do: :math:`65504^2 \\approx 4.3\\cdot 10^9`) is the gradient read again, under
     ``lax.cond``, for GradScaler's exact answer (are all entries of the
@@ -212,6 +212,22 @@ def dynamic_loss_scale(
     the default powers of two, unscaling is exact. A NaN batch looks like an
     overflow: it is skipped and halves the scale, down to ``min_scale`` for a
     long run of them.
+
+    Only a NaN or Inf entry is an overflow, as in GradScaler: finite float32
+    gradients whose squares overflow float32 are unscaled and passed on.
+
+    **Cost.** The check reads the scaled gradient once, for the per-leaf
+    float32 sums of squares a global norm needs anyway. A
+    :func:`~stablejax.optim.guard`,
+    :func:`~stablejax.optim.clip_by_global_norm` or
+    :func:`~stablejax.optim.overshoot_control` first in
+    ``inner`` reuses them, so nothing reduces over the unscaled gradient and XLA
+    fuses the unscaling into the optimizer's loops: the step then makes exactly
+    the passes over parameter-sized buffers of ``inner`` alone
+    (``stable_adamw(loss_scale=True)`` included). An ``inner`` that reduces over
+    the unscaled gradient itself (optax's own ``clip_by_global_norm``) shares
+    that reduction with the check, but XLA:CPU then writes the unscaled
+    gradient once.
 
     A ``loss=`` extra argument (for a guard's loss check or
     :func:`~stablejax.optim.overshoot_control`) must be the *scaled* loss, as
