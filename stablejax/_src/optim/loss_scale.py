@@ -48,14 +48,18 @@ class LossScaleState(NamedTuple):
 
 
 def _real(name: str, value: Any) -> float:
-    """``value`` as a Python float; jax/numpy scalars accepted, bools and tracers refused."""
+    """``value`` as a Python float; jax/numpy scalars accepted, bools refused.
+
+    A traced value is returned as is: ``optax.inject_hyperparams`` calls the
+    factory with concrete values at ``init`` (checked then) and traced ones at
+    ``update``.
+    """
     if isinstance(value, bool) or isinstance(value, np.bool_):
         raise TypeError(f"{_WHERE}: `{name}` must be a real number, got {value!r}.")
     if isinstance(value, jax.core.Tracer):
-        raise TypeError(
-            f"{_WHERE}: `{name}` must be a concrete number, got a traced value; build the "
-            "optimizer outside jit."
-        )
+        if not jnp.issubdtype(value.dtype, jnp.floating) or value.shape != ():
+            raise TypeError(f"{_WHERE}: `{name}` must be a real number, got {value!r}.")
+        return value
     try:
         arr = np.asarray(value)
     except Exception:  # noqa: BLE001 - anything not array-like is refused below
@@ -286,22 +290,27 @@ def dynamic_loss_scale(
                 f"{_WHERE}: `growth_interval` must be an int, got {growth_interval!r} "
                 "(e.g. 2000)."
             )
-    growth_interval = int(growth_interval)
-    _check("growth_interval", growth_interval, growth_interval >= 1, "must be >= 1 (e.g. 2000).")
-    fin = math.isfinite
-    _check("min_scale", min_scale, fin(min_scale) and min_scale > 0,
-           "must be finite and > 0 (e.g. 1.0).")
-    _check("max_scale", max_scale, fin(max_scale) and max_scale >= min_scale,
-           f"must be finite and >= min_scale={min_scale!r} (e.g. {max(2.0**24, min_scale)!r}).")
-    _check("max_scale", max_scale, max_scale < float(np.finfo(np.float32).max),
-           "must be below float32's largest value (e.g. 16777216.0).")
-    _check("init_scale", init_scale, min_scale <= init_scale <= max_scale,
-           f"must be in [min_scale, max_scale] = [{min_scale!r}, {max_scale!r}] "
-           f"(e.g. {min(max(2.0**15, min_scale), max_scale)!r}).")
-    _check("growth_factor", growth_factor, fin(growth_factor) and growth_factor > 1,
-           "must be finite and > 1 (e.g. 2.0).")
-    _check("backoff_factor", backoff_factor, 0 < backoff_factor < 1,
-           "must be in (0, 1) (e.g. 0.5).")
+    settings = (init_scale, growth_interval, growth_factor, backoff_factor, min_scale, max_scale)
+    if not any(isinstance(v, jax.core.Tracer) for v in settings):
+        # (Under inject_hyperparams the update's settings are traced; the
+        # same values were checked concrete at init.)
+        growth_interval = int(growth_interval)
+        _check("growth_interval", growth_interval, growth_interval >= 1,
+               "must be >= 1 (e.g. 2000).")
+        fin = math.isfinite
+        _check("min_scale", min_scale, fin(min_scale) and min_scale > 0,
+               "must be finite and > 0 (e.g. 1.0).")
+        _check("max_scale", max_scale, fin(max_scale) and max_scale >= min_scale,
+               f"must be finite and >= min_scale={min_scale!r} (e.g. {max(2.0**24, min_scale)!r}).")
+        _check("max_scale", max_scale, max_scale < float(np.finfo(np.float32).max),
+               "must be below float32's largest value (e.g. 16777216.0).")
+        _check("init_scale", init_scale, min_scale <= init_scale <= max_scale,
+               f"must be in [min_scale, max_scale] = [{min_scale!r}, {max_scale!r}] "
+               f"(e.g. {min(max(2.0**15, min_scale), max_scale)!r}).")
+        _check("growth_factor", growth_factor, fin(growth_factor) and growth_factor > 1,
+               "must be finite and > 1 (e.g. 2.0).")
+        _check("backoff_factor", backoff_factor, 0 < backoff_factor < 1,
+               "must be in (0, 1) (e.g. 0.5).")
     if axis_name is not None and not isinstance(axis_name, str):
         # jax allows tuples of axis names too.
         if not (isinstance(axis_name, tuple) and all(isinstance(a, str) for a in axis_name)):
