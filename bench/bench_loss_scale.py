@@ -1,16 +1,18 @@
 """Update-step cost of ``stablejax.optim.dynamic_loss_scale`` over the chain it wraps.
 
-Same set-up as ``bench/bench_optim.py`` (about 5M float32 parameters in 48 leaves,
-a jitted step of optimizer update + ``optax.apply_updates``, without and with
-buffer donation) and the same timing: every round times each wrapped chain
-against its own unwrapped inner chain in an ABBA block (inner, wrapped,
-wrapped, inner; ``--steps`` synchronised steps each); a round's ratio is the
-median B step over the median A step, and the report gives the median over
-rounds with the interquartile range. An A/A control (the inner chain compiled
-twice) shows the resolution. The pairs:
+Same set-up as ``bench/bench_optim.py`` and the same timing (both from
+``bench/abba.py``): about 5M float32 parameters in 48 leaves, a jitted step of
+optimizer update + ``optax.apply_updates``, without and with buffer donation;
+every round times each wrapped chain against its own unwrapped inner chain in
+an ABBA block (inner, wrapped, wrapped, inner; ``--steps`` synchronised steps
+each); a round's ratio is the median B step over the median A step, and the
+report gives the median over rounds with the interquartile range. An A/A
+control (the inner chain compiled twice) shows the resolution. The pairs:
 
 * ``optax.chain(clip_by_global_norm(1.0), adamw(1e-3))`` and
-  ``dynamic_loss_scale`` of it;
+  ``dynamic_loss_scale`` of it (optax's clip reduces over the unscaled gradient
+  itself, which XLA:CPU then writes to memory once);
+* ``guard(chain(stablejax clip, adamw))`` and ``dynamic_loss_scale`` of it;
 * ``stable_adamw`` with ``loss=`` and ``stable_adamw(loss_scale=True)`` with ``loss=``.
 
 Usage::
@@ -21,21 +23,18 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.bench_optim import build_step, hlo_stats, make_params, quantile, time_block  # noqa: E402
+from bench.abba import arguments, interleave, prepare, quantile, workload  # noqa: E402
 from stablejax import optim  # noqa: E402
 
 
@@ -45,6 +44,9 @@ def pairs() -> dict[str, tuple[optax.GradientTransformation, optax.GradientTrans
     def chain():
         return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
 
+    def guarded():
+        return optim.guard(optax.chain(optim.clip_by_global_norm(1.0), optax.adamw(1e-3)))
+
     def sa(**kw):
         return optim.stable_adamw(1e-3, warmup_steps=10, total_steps=10_000, **kw)
 
@@ -53,56 +55,30 @@ def pairs() -> dict[str, tuple[optax.GradientTransformation, optax.GradientTrans
         "dynamic_loss_scale(chain(clip, adamw))": (
             chain(), optim.dynamic_loss_scale(chain()), False,
         ),
+        "dynamic_loss_scale(guard(chain(stablejax clip, adamw)))": (
+            guarded(), optim.dynamic_loss_scale(guarded()), False,
+        ),
         "stable_adamw(loss_scale=True) (loss=)": (sa(), sa(loss_scale=True), True),
     }
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=6, help="steps per A or B run of a block")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    parser.add_argument("--quick", action="store_true", help="2 rounds of 2 steps, no warm-up")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "loss_scale.json"))
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.rounds, args.steps, args.warmup = 2, 2, 0
-
-    base = make_params()
+    args = arguments(__doc__.splitlines()[0], argv, rounds=16, steps=6, quick=(2, 2),
+                     out=Path(__file__).parent / "results" / "loss_scale.json")
+    base, grads = workload()
     n_params = sum(x.size for x in jax.tree.leaves(base))
-    grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), base)
-    runs = {}
-    for donate in (False, True):
-        for name, (inner, wrapped, with_loss) in pairs().items():
-            for role, tx in (("A", inner), ("B", wrapped)):
-                params = jax.tree.map(jnp.copy, base)
-                state = tx.init(params)
-                step = build_step(tx, donate, with_loss)
-                hlo = hlo_stats(step, params, state, grads)
-                params, state = step(params, state, grads)
-                jax.block_until_ready(params)
-                runs[(donate, name, role)] = {
-                    "step": step, "params": params, "state": state, "hlo": hlo,
-                    "steps": [], "ratios": [],
-                }
-
+    runs = {
+        (donate, name, role): prepare(tx, base, grads, donate, with_loss)
+        for donate in (False, True)
+        for name, (inner, wrapped, with_loss) in pairs().items()
+        for role, tx in (("A", inner), ("B", wrapped))
+    }
     names = list(pairs())
-    t_start = time.perf_counter()
-    for r in range(args.warmup + args.rounds):
-        k = r % len(names)
-        for donate in (False, True):
-            for name in names[k:] + names[:k]:
-                a_run, b_run = runs[(donate, name, "A")], runs[(donate, name, "B")]
-                a = time_block(a_run, grads, args.steps)
-                b = time_block(b_run, grads, args.steps)
-                b += time_block(b_run, grads, args.steps)
-                a += time_block(a_run, grads, args.steps)
-                if r < args.warmup:
-                    continue
-                b_run["ratios"].append(statistics.median(b) / statistics.median(a))
-                b_run["steps"] += b
-                a_run["steps"] += a
-    elapsed = time.perf_counter() - t_start
+    groups = [
+        [(runs[(donate, name, "A")], runs[(donate, name, "B")]) for name in names]
+        for donate in (False, True)
+    ]
+    elapsed = interleave(groups, grads, rounds=args.rounds, warmup=args.warmup, steps=args.steps)
 
     rows = []
     for donate in (False, True):

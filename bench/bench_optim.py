@@ -5,7 +5,8 @@ on about 5M float32 parameters in 48 leaves, twice: without buffer donation and
 with params and optimizer state donated (``donate_argnums``). The baseline is
 optax's own ``chain(clip_by_global_norm(1.0), adamw(1e-3))``.
 
-Timing, made for a small shared machine: after warm-up rounds, every round times
+Timing (``bench/abba.py``, shared with ``bench/bench_loss_scale.py``), made for a
+small shared machine: after warm-up rounds, every round times
 each variant against the plain chain of the same mode in an ABBA block (plain,
 variant, variant, plain; ``--steps`` steps each, every step synchronised and
 timed alone), so drift within the block cancels. A round's ratio is the median
@@ -31,34 +32,19 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.hlo_traffic import full_size_traffic  # noqa: E402
+from bench.abba import arguments, interleave, prepare, quantile, workload  # noqa: E402
 from stablejax import optim  # noqa: E402
-
-
-def make_params(n_layers: int = 24, width: int = 640, fan_in: int = 320) -> dict:
-    key = jax.random.key(0)
-    params = {}
-    for i in range(n_layers):
-        key, sub = jax.random.split(key)
-        params[f"layer_{i:02d}"] = {
-            "kernel": 0.02 * jax.random.normal(sub, (fan_in, width)),
-            "bias": jnp.zeros((width,)),
-        }
-    return params
 
 
 def variants() -> dict[str, optax.GradientTransformation]:
@@ -86,101 +72,24 @@ def variants() -> dict[str, optax.GradientTransformation]:
 _WITH_LOSS = ("stable_adamw(loss=)",)
 
 
-def build_step(tx, donate: bool, with_loss: bool = False):
-    def step(params, state, grads):
-        extra = {"loss": jnp.float32(1.0)} if with_loss else {}
-        updates, state = tx.update(grads, state, params, **extra)
-        return optax.apply_updates(params, updates), state
-
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
-
-
-_BIG = 1 << 16  # elements: a buffer at least this large counts as a pass
-
-
-def hlo_stats(step, params, state, grads) -> dict:
-    """Line count and full-size buffer traffic of the compiled module's entry computation."""
-    text = step.lower(params, state, grads).compile().as_text()
-    traffic = full_size_traffic(text, _BIG)
-    return {
-        "lines": len(text.splitlines()),
-        "big_reads": traffic["reads"],
-        "big_writes": traffic["writes"],
-        "big_copies": traffic["copies"],
-    }
-
-
-def quantile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def time_block(run: dict, grads, steps: int) -> list[float]:
-    p, s, times = run["params"], run["state"], []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        p, s = run["step"](p, s, grads)
-        jax.block_until_ready((p, s))
-        times.append(time.perf_counter() - t0)
-    run["params"], run["state"] = p, s
-    return times
-
-
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=24)
-    parser.add_argument("--steps", type=int, default=8, help="steps per A or B run of a block")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    parser.add_argument("--quick", action="store_true", help="3 rounds of 3 steps, no warm-up")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "optim.json"))
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.rounds, args.steps, args.warmup = 3, 3, 0
-
-    base = make_params()
+    args = arguments(__doc__.splitlines()[0], argv, rounds=24, steps=8, quick=(3, 3),
+                     out=Path(__file__).parent / "results" / "optim.json")
+    base, grads = workload()
     n_params = sum(x.size for x in jax.tree.leaves(base))
     n_leaves = len(jax.tree.leaves(base))
-    grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), base)
     plain_name = "plain chain(clip, adamw)"
-    runs = {}
-    for donate in (False, True):
-        for name, tx in variants().items():
-            params = jax.tree.map(jnp.copy, base)
-            state = tx.init(params)
-            step = build_step(tx, donate, name in _WITH_LOSS)
-            hlo = hlo_stats(step, params, state, grads)
-            params, state = step(params, state, grads)  # compile + warm up
-            jax.block_until_ready(params)
-            runs[(donate, name)] = {
-                "step": step,
-                "params": params,
-                "state": state,
-                "hlo": hlo,
-                "steps": [],
-                "ratios": [],
-            }
-
+    runs = {
+        (donate, name): prepare(tx, base, grads, donate, name in _WITH_LOSS)
+        for donate in (False, True)
+        for name, tx in variants().items()
+    }
     others = [name for name in variants() if name != plain_name]
-    t_start = time.perf_counter()
-    for r in range(args.warmup + args.rounds):
-        k = r % len(others)
-        for donate in (False, True):
-            plain = runs[(donate, plain_name)]
-            for name in others[k:] + others[:k]:
-                run = runs[(donate, name)]
-                a = time_block(plain, grads, args.steps)
-                b = time_block(run, grads, args.steps)
-                b += time_block(run, grads, args.steps)
-                a += time_block(plain, grads, args.steps)
-                if r < args.warmup:
-                    continue
-                run["ratios"].append(statistics.median(b) / statistics.median(a))
-                run["steps"] += b
-                plain["steps"] += a
-    elapsed = time.perf_counter() - t_start
+    groups = [
+        [(runs[(donate, plain_name)], runs[(donate, name)]) for name in others]
+        for donate in (False, True)
+    ]
+    elapsed = interleave(groups, grads, rounds=args.rounds, warmup=args.warmup, steps=args.steps)
 
     rows = []
     for (donate, name), run in runs.items():

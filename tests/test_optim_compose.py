@@ -86,6 +86,66 @@ def test_guard_inside_inject_hyperparams():
     assert int(optim.metrics(state)["skipped_total"]) == 1
 
 
+def _run_both(tx, ref, n=4, with_loss=True):
+    s, r = tx.init(PARAMS), ref.init(PARAMS)
+    update, ref_update = jax.jit(tx.update), jax.jit(ref.update)
+    extra = {"loss": jnp.float32(1.0)} if with_loss else {}
+    for i in range(n):
+        g = BAD if i == 2 else GOOD
+        u, s = update(g, s, PARAMS, **extra)
+        v, r = ref_update(g, r, PARAMS, **extra)
+        for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(v)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-12)
+    return s, r
+
+
+def test_inject_hyperparams_of_stable_adamw_as_of_optax_adamw():
+    # optax's own warmup_cosine_decay_schedule branches in Python on its values,
+    # and every numeric setting is traced here (the step counts included); the
+    # default weight-decay mask must not be taken for a schedule.
+    kw = dict(warmup_steps=2, total_steps=50, weight_decay=0.1, clip=1.0, b1=0.9)
+    tx = optax.inject_hyperparams(optim.stable_adamw)(learning_rate=1e-2, **kw)
+    ref = optim.stable_adamw(1e-2, **kw)
+    s, r = _run_both(tx, ref)
+    assert float(s.hyperparams["learning_rate"]) == pytest.approx(1e-2)
+    assert int(optim.metrics(s)["skipped_total"]) == 1  # the guard inside still works
+    # The rate in the state is the one used: doubled, the next step doubles
+    # (weight decay included: both terms are proportional to the rate).
+    hp = dict(s.hyperparams)
+    u1, _ = jax.jit(tx.update)(GOOD, s, PARAMS, loss=jnp.float32(1.0))
+    u2, _ = jax.jit(tx.update)(
+        GOOD, s._replace(hyperparams={**hp, "learning_rate": jnp.float32(2e-2)}), PARAMS,
+        loss=jnp.float32(1.0),
+    )
+    for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+        np.testing.assert_allclose(2 * np.asarray(a), np.asarray(b), rtol=1e-5)
+    assert not is_zero(u1)
+    # static_args, as optax documents for integer settings, works too.
+    tx = optax.inject_hyperparams(optim.stable_adamw, static_args=("warmup_steps", "total_steps"))(
+        learning_rate=jnp.float32(1e-2), **kw
+    )
+    _run_both(tx, ref, n=1)
+
+
+def test_inject_hyperparams_of_the_guard_numeric_settings():
+    def make(spike_threshold, stats_decay, lr_backoff, min_lr_scale, loss_spike_threshold):
+        return optim.guard(
+            optax.adam(1e-2), spike_threshold=spike_threshold, stats_decay=stats_decay,
+            lr_backoff=lr_backoff, min_lr_scale=min_lr_scale,
+            loss_spike_threshold=loss_spike_threshold,
+        )
+
+    args = (6.0, 0.98, 0.5, 0.01, 6.0)
+    tx = optax.inject_hyperparams(make)(*args)
+    s, r = _run_both(tx, make(*args))
+    assert set(s.hyperparams) == {
+        "spike_threshold", "stats_decay", "lr_backoff", "min_lr_scale", "loss_spike_threshold",
+    }
+    m, ref = optim.metrics(s), optim.metrics(r)
+    assert int(m["skipped_total"]) == int(ref["skipped_total"]) == 1
+    assert float(m["lr_scale"]) == float(ref["lr_scale"]) == 0.5
+
+
 def test_clip_reuses_the_guard_norm_only_when_first():
     # First in the chain: the guard's norm is reused, the result equals a fresh clip.
     g = {"w": jnp.full((3, 2), 3.0), "b": jnp.full(2, -4.0)}

@@ -239,3 +239,29 @@ def test_types_accepted_and_refused():
         optim.dynamic_loss_scale(optax.sgd(1.0), axis_name=3)
     with pytest.raises(TypeError, match="loss_scale"):
         optim.stable_adamw(1e-3, warmup_steps=1, total_steps=10, loss_scale=1)
+
+
+def test_inject_hyperparams_of_the_loss_scale_settings():
+    # Every numeric setting traced at update (checked concrete at init).
+    tx = optax.inject_hyperparams(optim.dynamic_loss_scale)(
+        optax.sgd(1.0), init_scale=8.0, growth_interval=2, backoff_factor=0.25
+    )
+    state = tx.init(PARAMS)
+    update = jax.jit(tx.update)
+    g = jax.tree.map(lambda p: jnp.full_like(p, 8.0), PARAMS)
+    u, state = update(g, state)
+    assert all(np.all(np.asarray(x) == -1.0) for x in jax.tree.leaves(u))
+    u, state = update(g, state)
+    assert float(optim.metrics(state)["loss_scale"]) == 16.0  # grown after 2 finite steps
+    bad = jax.tree.map(lambda p: jnp.full_like(p, jnp.inf), PARAMS)
+    u, state = update(bad, state)
+    assert float(optim.metrics(state)["loss_scale"]) == 4.0  # backed off by 0.25
+    assert all(np.all(np.asarray(x) == 0.0) for x in jax.tree.leaves(u))
+    assert sorted(state.hyperparams) == [
+        "backoff_factor", "growth_factor", "growth_interval", "init_scale", "max_scale",
+        "min_scale",
+    ]
+    with pytest.raises(ValueError, match="backoff_factor"):
+        optax.inject_hyperparams(optim.dynamic_loss_scale)(
+            optax.sgd(1.0), backoff_factor=2.0
+        ).init(PARAMS)

@@ -10,6 +10,7 @@ for its skip decision, so the gradient is read once for both (see
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
@@ -58,41 +59,96 @@ def leaf_sumsq(leaves: Sequence[Any]) -> Array:
     return jnp.stack(out)
 
 
-class _NormHint(NamedTuple):
+@dataclasses.dataclass(eq=False)
+class Offer:
+    """What an enclosing wrapper knows of the gradient its inner chain receives.
+
+    ``leaves`` are the very traced leaves handed to the inner chain; a piece of
+    it uses the offer only if the updates it receives are those objects (it is
+    the first to see the gradient), so an offer can never give a wrong answer.
+    ``taken`` records whether anything used it.
+    """
+
     leaves: tuple[Any, ...]
-    norm: Array
+    norm: Array | None = None  # the global norm; the offerer refuses non-finite ones
+    sumsq: Array | None = None  # per-leaf sums of squares, as leaf_sumsq, before psum
+    raw: tuple[Any, ...] | None = None  # leaves == raw * factor (a scalar)
+    factor: Array | None = None
+    taken: bool = False
+
+
+def unscaled_offer(leaves: Sequence[Any], sumsq: Array, raw: Sequence[Any], factor: Array) -> Offer:
+    """The offer of :func:`~stablejax.optim.dynamic_loss_scale`: ``leaves`` are
+    ``raw * factor`` and their per-leaf sums of squares are ``sumsq``.
+
+    It takes the sums of squares of the *scaled* gradient ``raw`` for its
+    overflow check anyway. A guard or clip inside then takes its norm from
+    ``sumsq``, and :func:`~stablejax.optim.overshoot_control` its dot product
+    from ``raw``: nothing reduces over the unscaled gradient, so XLA fuses the
+    unscaling into the elementwise loops that read it instead of writing it to
+    memory for a reduction. The loss scale does not refuse non-finite sums, so
+    a clip taking them keeps its non-finite paths.
+    """
+    return Offer(tuple(leaves), sumsq=sumsq, raw=tuple(raw), factor=factor)
 
 
 _HINTS = threading.local()
 
 
 @contextlib.contextmanager
-def shared_norm(leaves: Sequence[Any], norm: Array) -> Iterator[None]:
-    """Offers ``norm`` to the clipping transformations traced inside the block.
-
-    A clip reuses the norm only if the updates it receives are *the same traced
-    objects* as ``leaves``, that is, if it is the first transformation to see
-    the gradient. Anywhere else it computes its own norm, so the hint can never
-    give a wrong answer; it only removes a second pass over the gradient.
-    """
+def offering(offer: Offer) -> Iterator[None]:
+    """Makes ``offer`` visible to the transformations traced inside the block."""
     stack = getattr(_HINTS, "stack", None)
     if stack is None:
         stack = _HINTS.stack = []
-    stack.append(_NormHint(tuple(leaves), norm))
+    stack.append(offer)
     try:
         yield
     finally:
         stack.pop()
 
 
-def _hinted_norm(leaves: Sequence[Any]) -> Array | None:
-    stack = getattr(_HINTS, "stack", None)
-    if not stack:
-        return None
-    hint = stack[-1]
-    if len(hint.leaves) == len(leaves) and all(a is b for a, b in zip(hint.leaves, leaves)):
-        return hint.norm
+def shared_norm(leaves: Sequence[Any], norm: Array) -> contextlib.AbstractContextManager[None]:
+    """Offers ``norm`` to the clipping transformations traced inside the block.
+
+    A clip reuses the norm only if the updates it receives are *the same traced
+    objects* as ``leaves``, that is, if it is the first transformation to see
+    the gradient. Anywhere else it computes its own norm, so the hint can never
+    give a wrong answer; it only removes a second pass over the gradient. The
+    offerer (the guard) refuses every step whose norm is not finite, so a clip
+    that takes it builds only its finite path.
+    """
+    return offering(Offer(tuple(leaves), norm=norm))
+
+
+def _hint(leaves: Sequence[Any], field: str) -> Offer | None:
+    for hint in reversed(getattr(_HINTS, "stack", None) or ()):
+        if getattr(hint, field) is None:
+            continue
+        if len(hint.leaves) == len(leaves) and all(a is b for a, b in zip(hint.leaves, leaves)):
+            hint.taken = True
+            return hint
     return None
+
+
+def unscale(raw: Any, factor: Array) -> Array:
+    """The unscaled gradient leaf :func:`~stablejax.optim.dynamic_loss_scale`
+    hands its inner chain: ``raw`` in float32 times ``factor``."""
+    return jnp.asarray(raw).astype(jnp.float32) * factor
+
+
+def unscaled_view(leaves: Sequence[Any]) -> tuple[tuple[Any, ...], Array] | None:
+    """``(raw, factor)`` with ``leaves == raw * factor`` from an enclosing offer
+    for these very leaves, or None."""
+    hint = _hint(leaves, "raw")
+    return None if hint is None else (hint.raw, hint.factor)
+
+
+def hinted_sumsq(leaves: Sequence[Any]) -> Array:
+    """:func:`leaf_sumsq` of ``leaves``, taken from an enclosing offer for these
+    very leaves when there is one."""
+    hint = _hint(leaves, "sumsq")
+    return leaf_sumsq(leaves) if hint is None else hint.sumsq
 
 
 def global_norm(updates: PyTree, axis_name: str | None = None) -> tuple[Array, bool]:
@@ -102,10 +158,10 @@ def global_norm(updates: PyTree, axis_name: str | None = None) -> tuple[Array, b
     :func:`shared_norm`); the guard refuses every step whose norm is not finite.
     """
     leaves = jax.tree.leaves(updates)
-    hinted = _hinted_norm(leaves)
-    if hinted is not None:
-        return hinted, True
-    total = jnp.sum(leaf_sumsq(leaves))
+    hint = _hint(leaves, "norm")
+    if hint is not None:
+        return hint.norm, True
+    total = jnp.sum(hinted_sumsq(leaves))
     if axis_name is not None:
         total = lax.psum(total, axis_name)
     return jnp.sqrt(total), False
@@ -178,8 +234,20 @@ def clip_to(
         return jnp.stack([n_nan, n_inf, big, jnp.sqrt(scaled_sq)]).astype(acc)
 
     finite = jnp.isfinite(norm)
+    operands, rebuild = floats, lambda xs: xs
+    view = unscaled_view(leaves)
+    if view is not None:
+        # Inside dynamic_loss_scale: the branch rebuilds the unscaled gradient
+        # from the scaled one, so the cond's operands (which XLA materialises)
+        # are buffers that exist anyway.
+        raw, factor = view
+        operands = [r for r, x in zip(raw, leaves) if any(x is f for f in floats)]
+        rebuild = lambda rs: [unscale(r, factor) for r in rs]
     n_nan, n_inf, big, norm_over_big = lax.cond(
-        finite, lambda f: jnp.array([0.0, 0.0, 1.0, 1.0], acc), slow_scalars, floats
+        finite,
+        lambda f: jnp.array([0.0, 0.0, 1.0, 1.0], acc),
+        lambda rs: slow_scalars(rebuild(rs)),
+        operands,
     )
     passthrough = (n_nan > 0) | ~jnp.isfinite(threshold)
     inf_scale = threshold / jnp.sqrt(jnp.maximum(n_inf, 1.0))

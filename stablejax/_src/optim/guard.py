@@ -288,7 +288,9 @@ def guard(
 
     def update_fn(updates, state, params=None, **extra_args):
         leaves = jax.tree.leaves(updates)
-        sumsq = clipping.leaf_sumsq(leaves)
+        # From an enclosing dynamic_loss_scale when there is one (its overflow
+        # check already summed the squares of the scaled gradient).
+        sumsq = clipping.hinted_sumsq(leaves)
         if axis_name is not None:
             sumsq = lax.psum(sumsq, axis_name)
         norm = jnp.sqrt(jnp.sum(sumsq))

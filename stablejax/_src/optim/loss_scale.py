@@ -15,11 +15,13 @@ import numbers
 from typing import Any, NamedTuple
 
 import jax
+import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
 
+from stablejax._src.optim import clipping
 from stablejax._src.optim.selected_state import update_reading_selected_state
 from stablejax._src.typing import Array, ArrayLike, PyTree
 
@@ -46,14 +48,18 @@ class LossScaleState(NamedTuple):
 
 
 def _real(name: str, value: Any) -> float:
-    """``value`` as a Python float; jax/numpy scalars accepted, bools and tracers refused."""
+    """``value`` as a Python float; jax/numpy scalars accepted, bools refused.
+
+    A traced value is returned as is: ``optax.inject_hyperparams`` calls the
+    factory with concrete values at ``init`` (checked then) and traced ones at
+    ``update``.
+    """
     if isinstance(value, bool) or isinstance(value, np.bool_):
         raise TypeError(f"{_WHERE}: `{name}` must be a real number, got {value!r}.")
     if isinstance(value, jax.core.Tracer):
-        raise TypeError(
-            f"{_WHERE}: `{name}` must be a concrete number, got a traced value; build the "
-            "optimizer outside jit."
-        )
+        if not jnp.issubdtype(value.dtype, jnp.floating) or value.shape != ():
+            raise TypeError(f"{_WHERE}: `{name}` must be a real number, got {value!r}.")
+        return value
     try:
         arr = np.asarray(value)
     except Exception:  # noqa: BLE001 - anything not array-like is refused below
@@ -68,6 +74,103 @@ def _real(name: str, value: Any) -> float:
 def _check(name: str, value: Any, ok: bool, fix: str) -> None:
     if not ok:
         raise ValueError(f"{_WHERE}: {name}={value!r} {fix}")
+
+
+
+
+def _run(inner, offer, updates, inner_state, params, extra):
+    if offer is None:
+        return inner.update(updates, inner_state, params, **extra)
+    with clipping.offering(offer):
+        return inner.update(updates, inner_state, params, **extra)
+
+
+# Primitives through which a value stays "the gradient, elementwise" (a clip's
+# square of it, a cast), and those that reduce it.
+_PASS_THROUGH = frozenset({
+    "convert_element_type", "mul", "square", "integer_pow", "abs", "real", "imag", "neg",
+    "add", "sub", "copy", "copy_p", "reshape", "squeeze", "broadcast_in_dim",
+})
+_REDUCING = frozenset({
+    "reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin", "dot_general",
+})
+
+
+def _reduces_over(closed: Any, leaves: list[Any]) -> bool:
+    """Whether the traced ``closed`` jaxpr reduces over one of ``leaves`` (closed
+    over by it) or over an elementwise function of one. A cost heuristic only:
+    it picks which gradient the overflow check reads, never what it decides."""
+    ids = {id(x) for x in leaves}
+    tainted = {v for v, c in zip(closed.jaxpr.constvars, closed.consts) if id(c) in ids}
+
+    def scan(jaxpr, tainted) -> bool:
+        for eqn in jaxpr.eqns:
+            ins = [v for v in eqn.invars if not isinstance(v, jex_core.Literal)]
+            if not any(v in tainted for v in ins):
+                continue
+            name = eqn.primitive.name
+            if name in _REDUCING:
+                return True
+            sub = eqn.params.get("jaxpr")
+            if name in ("pjit", "jit", "closed_call") and sub is not None:
+                inner_jaxpr = getattr(sub, "jaxpr", sub)
+                inner_taint = {
+                    iv for iv, v in zip(inner_jaxpr.invars, eqn.invars)
+                    if not isinstance(v, jex_core.Literal) and v in tainted
+                }
+                if scan(inner_jaxpr, inner_taint):
+                    return True
+                tainted.update(eqn.outvars)
+            elif name in _PASS_THROUGH:
+                tainted.update(eqn.outvars)
+        return False
+
+    return scan(closed.jaxpr, tainted)
+
+def _overflow_check(leaves: list[Any], inv: Array | None) -> tuple[Array, Array]:
+    """Whether every entry of the unscaled gradient is finite, and its per-leaf
+    sums of squares (as :func:`clipping.leaf_sumsq` returns them).
+
+    ``leaves`` is the scaled gradient :math:`g_s` and ``inv`` :math:`1/s`, or
+    (``inv=None``) the unscaled float32 gradient itself. One pass reads it, for
+    the per-leaf float32 sums of squares :math:`S_\\ell` a global norm needs
+    anyway. If :math:`\\sum_\\ell S_\\ell` and :math:`\\sum_\\ell S_\\ell/s^2` are
+    finite, every entry of :math:`g_s/s` is, and its sums of squares are
+    :math:`S_\\ell / s^2` (for a power-of-two scale those of :math:`g_s/s`, up to
+    the order in which XLA sums them). Only when they are not (a NaN or Inf
+    entry, or finite squares overflowing float32, which float16 gradients never
+    do: :math:`65504^2 \\approx 4.3\\cdot 10^9`) is the gradient read again, under
+    ``lax.cond``, for GradScaler's exact answer (are all entries of the
+    unscaled gradient finite?) and the exact sums: finite squares that overflow
+    are not an overflow of the gradient.
+    """
+    f32 = jnp.float32
+    if not leaves:
+        return jnp.asarray(True), jnp.zeros([0], f32)
+    # The unscaled gradient is float32 whatever the input (float64 under x64
+    # included), so its check and sums are taken in float32 too.
+    leaves = [jnp.asarray(g) for g in leaves]
+    leaves = [g.astype(f32) if g.dtype == jnp.float64 else g for g in leaves]
+    sums = clipping.leaf_sumsq(leaves).astype(f32)
+    unscaled_sums = sums if inv is None else sums * (inv * inv)
+
+    def fast(leaves):
+        return jnp.asarray(True), unscaled_sums
+
+    def exact(leaves):
+        unscaled = [g.astype(f32) if inv is None else clipping.unscale(g, inv) for g in leaves]
+        ok = jnp.asarray(True)
+        for g in unscaled:
+            if g.size:
+                ok = ok & jnp.all(jnp.isfinite(g))
+        return ok, clipping.leaf_sumsq(unscaled).astype(f32)
+
+    # Read off a sqrt, as the guard does: XLA materialises it once instead of
+    # copying the chain of per-leaf additions into the predicate's readers.
+    fine = jnp.isfinite(jnp.sqrt(jnp.sum(sums)))
+    if inv is not None:
+        fine = fine & jnp.isfinite(jnp.sqrt(jnp.sum(unscaled_sums)))
+    return lax.cond(fine, fast, exact, leaves)
 
 
 def dynamic_loss_scale(
@@ -113,6 +216,22 @@ def dynamic_loss_scale(
     the default powers of two, unscaling is exact. A NaN batch looks like an
     overflow: it is skipped and halves the scale, down to ``min_scale`` for a
     long run of them.
+
+    Only a NaN or Inf entry is an overflow, as in GradScaler: finite float32
+    gradients whose squares overflow float32 are unscaled and passed on.
+
+    **Cost.** The check reads the scaled gradient once, for the per-leaf
+    float32 sums of squares a global norm needs anyway. A
+    :func:`~stablejax.optim.guard`,
+    :func:`~stablejax.optim.clip_by_global_norm` or
+    :func:`~stablejax.optim.overshoot_control` first in
+    ``inner`` reuses them, so nothing reduces over the unscaled gradient and XLA
+    fuses the unscaling into the optimizer's loops: the step then makes exactly
+    the passes over parameter-sized buffers of ``inner`` alone
+    (``stable_adamw(loss_scale=True)`` included). An ``inner`` that reduces over
+    the unscaled gradient itself (optax's own ``clip_by_global_norm``) shares
+    that reduction with the check, but XLA:CPU then writes the unscaled
+    gradient once.
 
     A ``loss=`` extra argument (for a guard's loss check or
     :func:`~stablejax.optim.overshoot_control`) must be the *scaled* loss, as
@@ -171,22 +290,27 @@ def dynamic_loss_scale(
                 f"{_WHERE}: `growth_interval` must be an int, got {growth_interval!r} "
                 "(e.g. 2000)."
             )
-    growth_interval = int(growth_interval)
-    _check("growth_interval", growth_interval, growth_interval >= 1, "must be >= 1 (e.g. 2000).")
-    fin = math.isfinite
-    _check("min_scale", min_scale, fin(min_scale) and min_scale > 0,
-           "must be finite and > 0 (e.g. 1.0).")
-    _check("max_scale", max_scale, fin(max_scale) and max_scale >= min_scale,
-           f"must be finite and >= min_scale={min_scale!r} (e.g. {max(2.0**24, min_scale)!r}).")
-    _check("max_scale", max_scale, max_scale < float(np.finfo(np.float32).max),
-           "must be below float32's largest value (e.g. 16777216.0).")
-    _check("init_scale", init_scale, min_scale <= init_scale <= max_scale,
-           f"must be in [min_scale, max_scale] = [{min_scale!r}, {max_scale!r}] "
-           f"(e.g. {min(max(2.0**15, min_scale), max_scale)!r}).")
-    _check("growth_factor", growth_factor, fin(growth_factor) and growth_factor > 1,
-           "must be finite and > 1 (e.g. 2.0).")
-    _check("backoff_factor", backoff_factor, 0 < backoff_factor < 1,
-           "must be in (0, 1) (e.g. 0.5).")
+    settings = (init_scale, growth_interval, growth_factor, backoff_factor, min_scale, max_scale)
+    if not any(isinstance(v, jax.core.Tracer) for v in settings):
+        # (Under inject_hyperparams the update's settings are traced; the
+        # same values were checked concrete at init.)
+        growth_interval = int(growth_interval)
+        _check("growth_interval", growth_interval, growth_interval >= 1,
+               "must be >= 1 (e.g. 2000).")
+        fin = math.isfinite
+        _check("min_scale", min_scale, fin(min_scale) and min_scale > 0,
+               "must be finite and > 0 (e.g. 1.0).")
+        _check("max_scale", max_scale, fin(max_scale) and max_scale >= min_scale,
+               f"must be finite and >= min_scale={min_scale!r} (e.g. {max(2.0**24, min_scale)!r}).")
+        _check("max_scale", max_scale, max_scale < float(np.finfo(np.float32).max),
+               "must be below float32's largest value (e.g. 16777216.0).")
+        _check("init_scale", init_scale, min_scale <= init_scale <= max_scale,
+               f"must be in [min_scale, max_scale] = [{min_scale!r}, {max_scale!r}] "
+               f"(e.g. {min(max(2.0**15, min_scale), max_scale)!r}).")
+        _check("growth_factor", growth_factor, fin(growth_factor) and growth_factor > 1,
+               "must be finite and > 1 (e.g. 2.0).")
+        _check("backoff_factor", backoff_factor, 0 < backoff_factor < 1,
+               "must be in (0, 1) (e.g. 0.5).")
     if axis_name is not None and not isinstance(axis_name, str):
         # jax allows tuples of axis names too.
         if not (isinstance(axis_name, tuple) and all(isinstance(a, str) for a in axis_name)):
@@ -208,27 +332,42 @@ def dynamic_loss_scale(
 
     def update_fn(updates, state, params=None, **extra_args):
         leaves = jax.tree.leaves(updates)
-        # One float32 sum of |g| per leaf: finite iff every entry is (a NaN or
-        # Inf propagates; finite float16-range values cannot overflow it). The
-        # flag is read off a sqrt, which XLA materialises once, as the guard
-        # does: a flag taken off the raw sum is copied, with its chain of
-        # additions, into every elementwise loop that selects on it.
-        sums = [jnp.sum(jnp.abs(g.astype(jnp.float32))) for g in leaves]
-        total = jnp.sqrt(jnp.sum(jnp.stack(sums))) if sums else jnp.zeros([], jnp.float32)
-        finite = jnp.isfinite(total)
-        if axis_name is not None:
-            finite = lax.pmin(finite.astype(jnp.int32), axis_name) > 0
-        overflow = ~finite
         scale = jnp.asarray(state.scale, jnp.float32)
         inv = 1.0 / scale
-        unscaled = jax.tree.map(lambda g: g.astype(jnp.float32) * inv, updates)
+        unscaled = jax.tree.map(lambda g: clipping.unscale(g, inv), updates)
         extra = dict(extra_args)
         if extra.get("loss") is not None:
             extra["loss"] = jnp.asarray(extra["loss"], jnp.float32) * inv
         old_leaves = jax.tree.leaves(state.inner_state)
 
+        # The overflow check reads the gradient once, for sums of squares that
+        # a norm inside `inner` can reuse. If `inner` takes them (a guard,
+        # clip_by_global_norm or overshoot_control first in it: see
+        # clipping.unscaled_offer), or reduces over nothing, they are taken of
+        # the scaled gradient, so that nothing reduces over the unscaled one and
+        # XLA fuses the unscaling into inner's elementwise loops. If it reduces
+        # over the unscaled gradient itself (optax's own clip, say), that
+        # makes XLA write the unscaled gradient anyway; they are then taken of
+        # it, exactly as optax.tree.norm does, and XLA merges the two
+        # reductions into one.
+        floats = all(jnp.issubdtype(jnp.asarray(g).dtype, jnp.floating) for g in leaves)
+        offer = None
+        finite, sumsq = _overflow_check(leaves, inv)
+        if floats and leaves:
+            offer = clipping.unscaled_offer(jax.tree.leaves(unscaled), sumsq, leaves, inv)
+            probe = jax.make_jaxpr(
+                lambda: _run(inner, offer, unscaled, state.inner_state, params, extra)
+            )()
+            if not offer.taken:
+                offer = None
+                if _reduces_over(probe, jax.tree.leaves(unscaled)):
+                    finite, _ = _overflow_check(jax.tree.leaves(unscaled), None)
+        if axis_name is not None:
+            finite = lax.pmin(finite.astype(jnp.int32), axis_name) > 0
+        overflow = ~finite
+
         def inner_update():
-            return inner.update(unscaled, state.inner_state, params, **extra)
+            return _run(inner, offer, unscaled, state.inner_state, params, extra)
 
         # Chosen with jnp.where (a refused step's NaN arithmetic is discarded,
         # never multiplied by 0), each state leaf as soon as inner computes it,

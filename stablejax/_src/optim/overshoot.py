@@ -17,6 +17,7 @@ import optax
 from jax import lax
 
 from stablejax._src import validation
+from stablejax._src.optim import clipping
 from stablejax._src.typing import Array
 
 _WHERE = "stablejax.optim.overshoot_control"
@@ -183,7 +184,12 @@ def overshoot_control(
         if loss is None:
             return new_updates, state._replace(inner_state=new_inner)
         loss = jnp.mean(jnp.asarray(loss, jnp.float32))
-        pred = _neg_dot(updates, new_updates)
+        view = clipping.unscaled_view(jax.tree.leaves(updates))
+        if view is None:
+            pred = _neg_dot(updates, new_updates)
+        else:  # inside dynamic_loss_scale: the dot of the scaled gradient, unscaled
+            raw, factor = view
+            pred = _neg_dot(list(raw), jax.tree.leaves(new_updates)) * factor
         if axis_name is not None:
             loss = lax.pmean(loss, axis_name)
             pred = lax.psum(pred, axis_name)

@@ -22,6 +22,20 @@ def _matrices_only(params: Any) -> Any:
     return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
 
 
+class _MatricesOnly:
+    """The default ``weight_decay_mask``: decay the leaves with ``ndim >= 2``.
+
+    A marker rather than the mask function itself: ``optax.inject_hyperparams``
+    takes every callable setting for a schedule of the step count.
+    """
+
+    def __repr__(self) -> str:
+        return "<matrices only (ndim >= 2)>"
+
+
+MATRICES_ONLY = _MatricesOnly()
+
+
 def _check_max_update_ratio(value: float | None) -> float | None:
     if value is None:
         return None
@@ -75,6 +89,32 @@ def _clip_update_ratio(ratio: float, eps: float = 1e-3) -> optax.GradientTransfo
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
+def _warmup_cosine(peak: Any, warmup_steps: Any, total_steps: Any, end_ratio: Any):
+    """``optax.warmup_cosine_decay_schedule(0, peak, warmup_steps, total_steps,
+    peak * end_ratio)`` for settings that may be traced (``inject_hyperparams``).
+
+    Linear from 0 to ``peak`` over ``warmup_steps``, then
+    :math:`p\\,(\\alpha + (1-\\alpha)\\,\\tfrac12(1 + \\cos(\\pi t / T)))` with
+    :math:`\\alpha` = ``end_ratio``, :math:`t` the steps since the warm-up and
+    :math:`T` = ``total_steps - warmup_steps`` (at least 1), as optax computes it.
+    """
+    f32 = jnp.float32
+
+    def schedule(count):
+        count = jnp.asarray(count, f32)
+        p = jnp.asarray(peak, f32)
+        w = jnp.asarray(warmup_steps, f32)
+        decay = jnp.maximum(jnp.asarray(total_steps, f32) - w, 1.0)
+        alpha = jnp.asarray(end_ratio, f32)
+        frac = 1 - jnp.clip(count, 0, w) / jnp.maximum(w, 1.0)
+        warm = (0.0 - p) * frac + p
+        t = jnp.minimum(count - w, decay)
+        cosine = 0.5 * (1 + jnp.cos(jnp.pi * t / decay))
+        return jnp.where(count < w, warm, p * ((1 - alpha) * cosine + alpha))
+
+    return schedule
+
+
 def stable_adamw(
     learning_rate: float,
     *,
@@ -86,7 +126,7 @@ def stable_adamw(
     b2: float = 0.95,
     eps: float = 1e-8,
     end_lr_ratio: float = 0.1,
-    weight_decay_mask: Any | Callable[[Any], Any] | None = _matrices_only,
+    weight_decay_mask: Any | Callable[[Any], Any] | None = MATRICES_ONLY,
     spike_threshold: float | None = 6.0,
     spike_warmup: int = 20,
     loss_spike_threshold: float | None = None,
@@ -183,7 +223,9 @@ def stable_adamw(
       b2: Adam's second-moment decay, in [0, 1).
       eps: Adam's epsilon (> 0).
       end_lr_ratio: final rate as a fraction of the peak, in [0, 1].
-      weight_decay_mask: optax mask (tree or callable) of the leaves to decay.
+      weight_decay_mask: optax mask (tree or callable) of the leaves to decay;
+        by default the leaves with ``ndim >= 2`` (a marker, not a function, so
+        that ``optax.inject_hyperparams`` does not take it for a schedule).
       spike_threshold: see :func:`stablejax.optim.guard`.
       spike_warmup: see :func:`stablejax.optim.guard`.
       loss_spike_threshold: see :func:`stablejax.optim.guard`.
@@ -224,7 +266,8 @@ def stable_adamw(
     learning_rate = validation.check_positive("learning_rate", learning_rate, _WHERE, example=1e-3)
     warmup_steps = validation.check_count("warmup_steps", warmup_steps, _WHERE, minimum=0)
     total_steps = validation.check_count("total_steps", total_steps, _WHERE, minimum=1)
-    if total_steps <= warmup_steps:
+    traced = lambda v: isinstance(v, jax.core.Tracer)
+    if not (traced(total_steps) or traced(warmup_steps)) and total_steps <= warmup_steps:
         raise ValueError(
             f"{_WHERE}: total_steps={total_steps!r} must exceed warmup_steps={warmup_steps!r}; "
             "total_steps counts the whole run, warm-up included, e.g. "
@@ -237,7 +280,7 @@ def stable_adamw(
     b2 = validation.check_unit_interval("b2", b2, _WHERE, example=0.95, allow_zero=True)
     eps = validation.check_positive("eps", eps, _WHERE, example=1e-8)
     end_lr_ratio = validation.check_nonnegative("end_lr_ratio", end_lr_ratio, _WHERE, example=0.1)
-    if not isinstance(end_lr_ratio, jax.core.Tracer) and end_lr_ratio > 1:
+    if not traced(end_lr_ratio) and end_lr_ratio > 1:
         raise ValueError(
             f"{_WHERE}: end_lr_ratio={end_lr_ratio!r} must be in [0, 1]. Use e.g. end_lr_ratio=0.1."
         )
@@ -248,19 +291,26 @@ def stable_adamw(
         raise TypeError(f"{_WHERE}: `loss_scale` must be True or False, got {loss_scale!r}.")
     validation.check_axis_name(axis_name, _WHERE)
 
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=learning_rate,
-        warmup_steps=warmup_steps,
-        decay_steps=total_steps,
-        end_value=learning_rate * end_lr_ratio,
-    )
+    settings = (learning_rate, warmup_steps, total_steps, end_lr_ratio)
+    if any(traced(v) for v in settings):
+        # optax.inject_hyperparams traces every numeric setting, and optax's
+        # schedule branches in Python on them: the same formula in jnp.
+        schedule = _warmup_cosine(*settings)
+    else:
+        schedule = optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=learning_rate,
+            warmup_steps=warmup_steps,
+            decay_steps=total_steps,
+            end_value=learning_rate * end_lr_ratio,
+        )
     parts = []
     if clip is not None:
         parts.append(clipping.clip_by_global_norm(clip, axis_name=axis_name))
     adam = [optax.scale_by_adam(b1=b1, b2=b2, eps=eps)]
-    if weight_decay > 0:
-        adam.append(optax.add_decayed_weights(weight_decay, mask=weight_decay_mask))
+    if traced(weight_decay) or weight_decay > 0:  # traced under inject_hyperparams
+        mask = _matrices_only if weight_decay_mask is MATRICES_ONLY else weight_decay_mask
+        adam.append(optax.add_decayed_weights(weight_decay, mask=mask))
     parts.append(_float16_in_float32(optax.chain(*adam)))
     guarded = guard(
         optax.chain(*parts),
