@@ -14,7 +14,9 @@ squares overflow), ``1e-30`` (whose squares underflow) or of entries up to the
 dtype's largest number is computed correctly, a constant row gives exactly 0,
 and a large offset does not cancel catastrophically. No epsilon enters any
 forward value. Inputs below the smallest normal number count as 0 for the
-derivatives (XLA flushes them to zero on CPU and GPU).
+derivatives (XLA flushes them to zero on CPU and GPU). Unmasked variances and
+standard deviations take another route to the same contract, with no
+``lax.cond``: :mod:`stablejax._src.numerics.fused`.
 
 Singular points. At the zero vector (norm, normalize) or a constant row (var,
 std) the value is 0 and the derivative is 0, the minimum-norm subgradient.
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 
 from stablejax._src import validation
 from stablejax._src.numerics.dtypes import compute_dtype, pow2_scale
+from stablejax._src.numerics.fused import band_mean_spread
 from stablejax._src.numerics.ops import _coef, dtype_floor
 from stablejax._src.typing import Array, ArrayLike, Axis
 
@@ -295,113 +298,15 @@ def _mean_spread_jvp(axes, keepdims, std, primals, tangents):
     return _squeeze(keepdims, axes, mean, spread), _squeeze(keepdims, axes, dmean, dspread)
 
 
-# Rows whose largest magnitude lies in this band are computed unscaled: their
-# squares, sums of squares and the spreads of nearly constant rows neither
-# overflow nor underflow (for rows of up to 2**20 entries).
-_BAND_LO, _BAND_HI = 2.0**-20, 2.0**40
-
-
-def _band_scale(m: Array) -> Array:
-    """A positive scale ``s`` per row with ``m / s`` in the band: exactly 1 inside it.
-
-    ``m`` is the row's largest magnitude: above the band ``s = m / 2**40``, below it
-    ``s = m / 2**-20``, and a zero row's scale is 1. Only ``max``, ``min``, ``*``
-    and ``+``, so that XLA fuses the scale into the reductions around it (a select
-    or a ``lax.cond`` would cut the fused pass in two).
-    """
-    zero = 1.0 - jnp.minimum(m * (1.0 / float(jnp.finfo(m.dtype).tiny)), 1.0)  # 1 at m = 0
-    return jnp.maximum(m * (1.0 / _BAND_HI), 1.0) * jnp.minimum(m * (1.0 / _BAND_LO), 1.0) + zero
-
-
-@jax.custom_jvp
-def _sqrt0(v: Array) -> Array:
-    """``sqrt(v)`` for ``v >= 0`` whose derivative is 0, not Inf, at 0 (a select only
-    when differentiated, so the first-order pass stays fusible)."""
-    return jnp.sqrt(v)
-
-
-@_sqrt0.defjvp
-def _sqrt0_jvp(primals, tangents):
-    (v,), (dv,) = primals, tangents
-    r = _sqrt0(v)
-    pos = v > 0
-    return r, jnp.where(pos, 0.5 / jnp.where(pos, r, 1.0), 0.0) * dv
-
-
-@jax.custom_jvp
-def _ratio0(a: Array, r: Array) -> Array:
-    """``a / r`` where ``r > 0``; 0 where ``r = 0``, for callers whose ``a`` is exactly 0
-    wherever ``r`` is: ``a`` times a finite reciprocal, with no select. Its derivative
-    is 0 at ``r = 0`` (a select only when differentiated)."""
-    return a * (1.0 / jnp.maximum(r, jnp.finfo(r.dtype).tiny))
-
-
-@_ratio0.defjvp
-def _ratio0_jvp(primals, tangents):
-    (a, r), (da, dr) = primals, tangents
-    q = 1.0 / jnp.maximum(r, jnp.finfo(r.dtype).tiny)
-    out = a * q
-    return out, jnp.where(r > 0, (da - out * dr) * q, 0.0)
-
-
-def _band_moments(x: Array, axes: tuple[int, ...]):
-    r"""One fused pass of moments, scaled only outside the band.
-
-    Returns ``(c, s, mean_z, dz, var_z)``, shaped like reductions over ``axes``
-    except ``dz``: ``z = x/s - c`` has mean ``mean_z``, ``dz = z - mean_z``, and its
-    variance is ``var_z``, so ``mean = s (c + mean_z)`` and ``var = s^2 var_z``.
-    The shift ``c`` is the row's largest entry (scaled), so a constant row gives
-    ``z = 0`` and a variance of exactly 0. Scale and shift are constants for
-    differentiation: the moments do not depend on them. Everything is arithmetic
-    and reductions (no select, no ``lax.cond``), so XLA fuses the forward and the
-    backward into one pass over ``x``.
-    """
-    n = math.prod(x.shape[a] for a in axes)
-    s = jax.lax.stop_gradient(_band_scale(jnp.max(jnp.abs(x), axis=axes)))
-    c = jax.lax.stop_gradient(jnp.max(x, axis=axes) / s)
-    z = x / jnp.expand_dims(s, axes) - jnp.expand_dims(c, axes)
-    mean_z = jnp.sum(z, axis=axes) / n
-    dz = z - jnp.expand_dims(mean_z, axes)
-    return c, s, mean_z, dz, jnp.sum(dz * dz, axis=axes) / n
-
-
-def _unsqueeze(keepdims: bool, axes: tuple[int, ...], *xs: Array):
-    return tuple(jnp.expand_dims(v, axes) for v in xs) if keepdims else xs
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
-def _band_mean_spread(x: Array, axes, keepdims: bool, std: bool):
-    c, s, mean_z, _, var_z = _band_moments(x, axes)
-    spread = s * _sqrt0(var_z) if std else s * (s * var_z)
-    return _unsqueeze(keepdims, axes, s * (c + mean_z), spread)
-
-
-@_band_mean_spread.defjvp
-def _band_mean_spread_jvp(axes, keepdims, std, primals, tangents):
-    """The derivatives of :func:`_mean_spread_jvp` on the moments of one fused pass."""
-    (x,), (dx,) = primals, tangents
-    c, s, mean_z, dz, var_z = _band_moments(x, axes)
-    n = math.prod(x.shape[a] for a in axes)
-    dmean = jnp.sum(dx, axis=axes) / n
-    if std:
-        root = _sqrt0(var_z)
-        spread = s * root
-        dspread = jnp.sum(_ratio0(dz, jnp.expand_dims(root, axes)) * dx, axis=axes) / n
-    else:
-        spread = s * (s * var_z)
-        dspread = 2.0 * s * (jnp.sum(dz * dx, axis=axes) / n)
-    return (_unsqueeze(keepdims, axes, s * (c + mean_z), spread),
-            _unsqueeze(keepdims, axes, dmean, dspread))
-
-
 def mean_spread(x: Array, mask: Array | None, axes: tuple[int, ...], keepdims: bool, std: bool):
     """Core of :func:`safe_var`, :func:`safe_std` and ``StdPool`` (compute dtype in).
 
-    Without a mask the moments come from one fused pass (:func:`_band_moments`);
+    Without a mask the moments come from one fused pass
+    (:func:`stablejax._src.numerics.fused.band_mean_spread`);
     with one, from the two-pass moments rescaled where needed (:func:`_moment_parts`).
     """
     if mask is None and math.prod(x.shape[a] for a in axes) > 0:
-        return _band_mean_spread(x, axes, keepdims, std)
+        return band_mean_spread(x, axes, keepdims, std)
     return _mean_spread(x, mask, axes, keepdims, std)
 
 
