@@ -4,6 +4,9 @@ For each pair, the jitted forward+backward step (``jax.grad`` of a sum of the
 output, with respect to input and parameters) is compiled once, then timed in
 interleaved rounds (A, B, A, B, ...) in one process; the figure is the median of
 the per-round ratios ours/baseline. Compile time is timed once per function.
+As corroboration where timing is noisy, each row also records the compiled
+programs' passes over input-sized buffers (reads/writes, ``hlo_traffic``) and
+XLA's cost-model bytes accessed, ours/baseline.
 
 Run:  python bench/bench_layers.py [--repeats 30] [--json bench/results/layers.json]
 """
@@ -23,6 +26,11 @@ import jax.numpy as jnp
 
 import stablejax as sj
 from stablejax import nn
+
+try:
+    from bench.hlo_traffic import full_size_traffic
+except ImportError:  # run as a script: python bench/bench_layers.py
+    from hlo_traffic import full_size_traffic
 
 SHAPES = {"small": (32, 64, 256), "large": (16, 256, 512)}
 
@@ -63,10 +71,15 @@ def cases(x):
     ]
 
 
-def _compile_seconds(step, args):
+def _compile(step, args):
+    """Compile seconds, the passes over input-sized buffers, and XLA's bytes accessed."""
     t0 = time.perf_counter()
-    step.lower(*args).compile()
-    return time.perf_counter() - t0
+    compiled = step.lower(*args).compile()
+    seconds = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    traffic = full_size_traffic(compiled.as_text(), args[-1].size)
+    return seconds, traffic, float(cost.get("bytes accessed", 0.0))
 
 
 def _run(step, args):
@@ -81,7 +94,8 @@ def measure(repeats: int, inner: int = 5):
         for shape_name, shape in SHAPES.items():
             x = jax.random.normal(jax.random.key(1), shape).astype(dtype)
             for name, (ours, a_ours), (base, a_base) in cases(x):
-                c_ours, c_base = _compile_seconds(ours, a_ours), _compile_seconds(base, a_base)
+                (c_ours, h_ours, b_ours), (c_base, h_base, b_base) = (
+                    _compile(ours, a_ours), _compile(base, a_base))
                 for _ in range(3):  # warm up
                     _run(ours, a_ours), _run(base, a_base)
                 ratios, t_ours, t_base = [], [], []
@@ -95,6 +109,8 @@ def measure(repeats: int, inner: int = 5):
                     "ours_ms": 1e3 * statistics.median(t_ours),
                     "base_ms": 1e3 * statistics.median(t_base),
                     "compile_ratio": c_ours / c_base,
+                    "hlo_ours": h_ours, "hlo_base": h_base,
+                    "bytes_ratio": b_ours / b_base if b_base else None,
                 })
                 print(_fmt(rows[-1]), flush=True)
     return rows
@@ -103,7 +119,8 @@ def measure(repeats: int, inner: int = 5):
 def _fmt(r):
     return (f"| {r['case']} | {r['dtype']} | {r['shape']} {tuple(r['dims'])} | "
             f"{r['ours_ms']:.3f} | {r['base_ms']:.3f} | {r['ratio']:.3f}x | "
-            f"{r['compile_ratio']:.2f}x |")
+            f"{r['compile_ratio']:.2f}x | {r['hlo_ours']['reads']}/{r['hlo_ours']['writes']} vs "
+            f"{r['hlo_base']['reads']}/{r['hlo_base']['writes']} | {r['bytes_ratio']:.2f}x |")
 
 
 def main(argv=None):
@@ -114,13 +131,18 @@ def main(argv=None):
     args = ap.parse_args(argv)
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, "
           f"{os.cpu_count()} cpus, {platform.processor() or platform.machine()}")
-    print("| case | dtype | shape | ours ms | baseline ms | time ratio (median) | compile ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"load average {os.getloadavg()[0]:.2f} at start")
+    print("| case | dtype | shape | ours ms | baseline ms | time ratio (median) | compile ratio "
+          "| passes reads/writes (ours vs baseline) | bytes ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    load = os.getloadavg()[0]
     rows = measure(args.repeats)
+    load = (load + os.getloadavg()[0]) / 2
+    print(f"load average {os.getloadavg()[0]:.2f} at end")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                   "rows": rows}, f, indent=1)
+                   "load_average": load, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

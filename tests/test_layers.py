@@ -212,7 +212,7 @@ def test_bad_input_errors():
         snnx.L2Normalize(use_scale=True)
 
 
-# ----------------------------------------------------------------- issue 11: drop-in details
+# ----------------------------------------------------------------- drop-in: eager masks, scalars
 
 X5 = jax.random.normal(jax.random.key(0), (10, 5))
 MASK5 = np.array([True, False, True, False, True])

@@ -258,7 +258,7 @@ def test_bad_input_errors_name_the_value():
         sj.safe_div(jnp.ones(2), jnp.arange(2))
 
 
-# ----------------------------------------------------------------- issue 11: every edge
+# ----------------------------------------------------------------- every edge, to second order
 
 
 def test_second_derivatives_at_singular_points_are_zero():

@@ -1,4 +1,4 @@
-"""Hypothesis over the singular ops of issue 11: singular, near-singular, subnormal and
+"""Hypothesis over the softmax, angle and power ops: singular, near-singular, subnormal and
 huge inputs, every half dtype, to second order. One jitted evaluation per dtype."""
 
 import jax

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from stablejax._src import validation
 from stablejax._src.numerics.dtypes import compute_dtype
-from stablejax._src.numerics.ops import _prepare
+from stablejax._src.numerics.ops import BOUND_FRACTION, _floor, _prepare
 from stablejax._src.typing import Array, ArrayLike
 
 ATAN2_GRAD_FLOOR = 1e-15
@@ -27,20 +27,17 @@ ACOS_GRAD_FLOOR = 1e-20
 
 
 def checked_floor(value: float, where: str, dtype, power: float = 1.0) -> float:
-    """The user's ``grad_floor`` (checked to be a positive number), raised for ``dtype``."""
-    return dtype_floor(validation.check_positive("grad_floor", value, where), dtype, power=power)
-
-
-def dtype_floor(floor: float, dtype, power: float = 1.0) -> float:
-    r"""Raises ``floor`` so that a derivative bounded by ``floor**-power`` fits ``dtype``.
+    r"""The user's ``grad_floor`` (a positive number), raised so that a derivative
+    bounded by ``floor**-power`` is at most half the largest number of ``dtype``.
 
     Derivatives are computed in float32 and cast to the input dtype on the way
     back; in float16 (largest value 65504) a float32 bound such as ``1e15`` would
     become Inf. ``power`` is that of the second derivative (so gradient penalties
-    stay finite too); the floor is raised to :math:`(2/\mathrm{max})^{1/power}`
-    where needed, which changes nothing for float32, bfloat16 and float64.
+    stay finite too); nothing changes for float32, bfloat16 and float64. The
+    arithmetic is :func:`stablejax._src.numerics.ops.dtype_floor`'s, with the
+    bound ``2 * BOUND_FRACTION * floor**-power <= BOUND_FRACTION * max``.
     """
-    return max(floor, float((2.0 / float(jnp.finfo(dtype).max)) ** (1.0 / power)))
+    return _floor(value, where, 2.0 * BOUND_FRACTION, -power, dtype)
 
 
 # --------------------------------------------------------------------------- arctan2
@@ -126,42 +123,32 @@ def _unit_coef(x: Array, floor: float, sign: float) -> Array:
     return jnp.where(edge, 0.0, sign * jax.lax.rsqrt(jnp.maximum(w, floor)))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _arccos(x: Array, floor: float) -> Array:
-    del floor
-    return jnp.arccos(_clamp_unit(x))
-
-
-@_arccos.defjvp
-def _arccos_jvp(floor, primals, tangents):
-    r"""Derivative of :func:`safe_arccos`.
+def _unit_angle(fn, sign: float):
+    r"""``fn`` (``jnp.arccos`` or ``jnp.arcsin``) on the clamped input, as a ``custom_jvp``.
 
     .. math::
-        \frac{d}{dx}\arccos x = \begin{cases}
+        \frac{d}{dx}\arccos x = -\frac{d}{dx}\arcsin x = \begin{cases}
           -1/\sqrt{\max(1 - x^2, f)} & |x| < 1 \\ 0 & |x| \ge 1 \end{cases}
+
+    ``sign`` is that of the derivative: -1 for ``arccos``, +1 for ``arcsin``.
     """
-    (x,), (dx,) = primals, tangents
-    y = _arccos(x, floor)
-    return y, (_unit_coef(x, floor, -1.0) * dx).astype(y.dtype)
+
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+    def angle(x: Array, floor: float) -> Array:
+        del floor
+        return fn(_clamp_unit(x))
+
+    @angle.defjvp
+    def angle_jvp(floor, primals, tangents):
+        (x,), (dx,) = primals, tangents
+        y = angle(x, floor)
+        return y, (_unit_coef(x, floor, sign) * dx).astype(y.dtype)
+
+    return angle
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _arcsin(x: Array, floor: float) -> Array:
-    del floor
-    return jnp.arcsin(_clamp_unit(x))
-
-
-@_arcsin.defjvp
-def _arcsin_jvp(floor, primals, tangents):
-    r"""Derivative of :func:`safe_arcsin`.
-
-    .. math::
-        \frac{d}{dx}\arcsin x = \begin{cases}
-          1/\sqrt{\max(1 - x^2, f)} & |x| < 1 \\ 0 & |x| \ge 1 \end{cases}
-    """
-    (x,), (dx,) = primals, tangents
-    y = _arcsin(x, floor)
-    return y, (_unit_coef(x, floor, 1.0) * dx).astype(y.dtype)
+_arccos = _unit_angle(jnp.arccos, -1.0)
+_arcsin = _unit_angle(jnp.arcsin, 1.0)
 
 
 def safe_arccos(x: ArrayLike, *, grad_floor: float = ACOS_GRAD_FLOOR) -> Array:

@@ -14,7 +14,9 @@ squares overflow), ``1e-30`` (whose squares underflow) or of entries up to the
 dtype's largest number is computed correctly, a constant row gives exactly 0,
 and a large offset does not cancel catastrophically. No epsilon enters any
 forward value. Inputs below the smallest normal number count as 0 for the
-derivatives (XLA flushes them to zero on CPU and GPU).
+derivatives (XLA flushes them to zero on CPU and GPU). Unmasked variances and
+standard deviations take another route to the same contract, with no
+``lax.cond``: :mod:`stablejax._src.numerics.fused`.
 
 Singular points. At the zero vector (norm, normalize) or a constant row (var,
 std) the value is 0 and the derivative is 0, the minimum-norm subgradient.
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 
 from stablejax._src import validation
 from stablejax._src.numerics.dtypes import compute_dtype, pow2_scale
+from stablejax._src.numerics.fused import band_mean_spread
 from stablejax._src.numerics.ops import _coef, dtype_floor
 from stablejax._src.typing import Array, ArrayLike, Axis
 
@@ -296,7 +299,14 @@ def _mean_spread_jvp(axes, keepdims, std, primals, tangents):
 
 
 def mean_spread(x: Array, mask: Array | None, axes: tuple[int, ...], keepdims: bool, std: bool):
-    """Core of :func:`safe_var`, :func:`safe_std` and ``StdPool`` (compute dtype in)."""
+    """Core of :func:`safe_var`, :func:`safe_std` and ``StdPool`` (compute dtype in).
+
+    Without a mask the moments come from one fused pass
+    (:func:`stablejax._src.numerics.fused.band_mean_spread`);
+    with one, from the two-pass moments rescaled where needed (:func:`_moment_parts`).
+    """
+    if mask is None and math.prod(x.shape[a] for a in axes) > 0:
+        return band_mean_spread(x, axes, keepdims, std)
     return _mean_spread(x, mask, axes, keepdims, std)
 
 
