@@ -1,4 +1,4 @@
-"""The optimizer chain at every edge (issue 12): x64, float16, jax.Array settings,
+"""The optimizer chain at every edge: x64, float16, jax.Array settings,
 zero-size leaves, collapsed statistics, non-finite inner output, MultiSteps, and
 error messages whose proposed fixes are accepted."""
 
