@@ -67,9 +67,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--inner", type=int, default=5)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--models", default="", help="comma-separated name prefixes (default: all)")
     a = ap.parse_args()
+    wanted = [m for m in a.models.split(",") if m]
     rows = []
     for name, loss, args in _cases():
+        if wanted and not any(name.startswith(m) for m in wanted):
+            continue
         plain = jax.jit(jax.grad(loss))
         hard = jax.jit(jax.grad(stablejax.harden(loss)))
         gp, gh = plain(*args), hard(*args)

@@ -125,6 +125,8 @@ class _Evaluator:
     def _eqn(self, eqn: Any, invals: list, in_facts: list, stack: Any) -> list:
         name = eqn.primitive.name
         p = eqn.params
+        if name in ("jit", "pjit") and "jaxpr" in p:
+            return self._jit(eqn, invals, in_facts, stack)
         if name in _INLINE and _INLINE[name] in p:
             jaxpr, consts = _closed(p[_INLINE[name]])
             return self.eval(jaxpr, consts, invals, in_facts, stack)
@@ -137,7 +139,10 @@ class _Evaluator:
         if name in _REMAT and "jaxpr" in p:
             return self._remat(eqn, invals, in_facts, stack)
         if rules.applies(name, [v.aval for v in eqn.outvars]):
-            out = rules.RULES[name](p, invals, in_facts)
+            def prim(*args):
+                return bind_equation(eqn, args)[0]
+
+            out = rules.RULES[name](prim, p, invals, in_facts)
             if out is not None:
                 return [out]
         return bind_equation(eqn, invals)
@@ -153,6 +158,13 @@ class _Evaluator:
             return [_match(o, v.aval) for o, v in zip(outs, jaxpr.outvars)]
 
         return run
+
+    def _jit(self, eqn, invals, in_facts, stack):
+        p = eqn.params
+        body = self._body(p["jaxpr"], in_facts, stack)
+        body.__name__ = body.__qualname__ = p.get("name", "jit")
+        fn = jax.jit(body, keep_unused=p.get("keep_unused", False), inline=p.get("inline", False))
+        return list(fn(*invals))
 
     def _scan(self, eqn, invals, in_facts, stack):
         p = eqn.params

@@ -164,59 +164,90 @@ def propagate(name: str, params: dict, in_facts: Sequence[int], same_operand: bo
 
 # --------------------------------------------------------------------------- safe rules
 #
-# Each rule is the double-``where`` form: the plain primitive evaluated at a
-# harmless input where the point is singular, selected away there. Off the
-# singular set the result *and* its derivatives are those of the plain
-# primitive, bit for bit (no extra rounding, so a clean model is unchanged); on
-# it the value is the documented constant and the derivative 0, to every order.
+# Each rule is the double-``where`` form: the plain primitive (``prim``, bound
+# with the equation's own parameters) evaluated at a harmless input where the
+# point is singular, selected away there. Off the singular set the value *and*
+# the derivatives are jax's own, bit for bit: the derivative is the plain
+# primitive's JVP rule (``sqrt``'s ``g * (0.5 / ans)``, ``div``'s ``g / y`` and
+# ``-g * x * y**-2``, ...) on the same operands, and a ``select`` moves no bits.
+# On the singular set the value is the documented constant and the derivative
+# 0, to every order.
+#
+# The rules are written with ``lax`` and keep each operand's own shape: an
+# operand that jax broadcasts implicitly (the ``[n, 1]`` divisor of
+# ``x / norm(x, keepdims=True)``) is not broadcast by hand, so the transposed
+# program reduces the same array in the same place and XLA fuses it as it
+# fuses the plain one.
 
 
-def _finite_le(x, bound):
-    return (x <= bound) & (x > -jnp.inf)
+def _dtype(x: Any) -> Any:
+    return x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
 
 
-def _log_tiny(x):
-    return jnp.asarray(np.log(np.finfo(x.dtype).tiny), x.dtype)
+def _const(x: Any, value: float) -> np.ndarray:
+    return np.array(value, dtype=_dtype(x))
 
 
-def safe_sqrt_rule(x):
+def _broadcast(x: Any, shape: tuple) -> Any:
+    return x if np.shape(x) == shape else jnp.broadcast_to(x, shape)
+
+
+def _replace(mask: Any, value: float, x: Any) -> Any:
+    """``x`` with ``value`` where ``mask`` (``mask``'s shape, ``x`` broadcast to it if needed)."""
+    x = _broadcast(x, np.shape(mask))
+    return lax.select(mask, lax.full_like(x, value), x)
+
+
+def _finite_le(x: Any, bound: float) -> Any:
+    return lax.bitwise_and(lax.le(x, _const(x, bound)), lax.gt(x, _const(x, -np.inf)))
+
+
+def _log_tiny(x: Any) -> float:
+    return float(np.log(np.finfo(_dtype(x)).tiny))
+
+
+def _unary_rule(prim: Callable, x: Any, sing: Any, harmless: float, value: float) -> Any:
+    out = prim(_replace(sing, harmless, x))
+    return _replace(sing, value, out)
+
+
+def safe_sqrt_rule(prim: Callable, x: Any) -> Any:
     r"""``safe_sqrt``'s rule: :math:`\sqrt{x}`; 0 with derivative 0 at finite ``x <= 0``."""
-    sing = _finite_le(x, 0)
-    return jnp.where(sing, jnp.zeros_like(x), lax.sqrt(jnp.where(sing, jnp.ones_like(x), x)))
+    return _unary_rule(prim, x, _finite_le(x, 0), 1, 0)
 
 
-def safe_rsqrt_rule(x):
+def safe_rsqrt_rule(prim: Callable, x: Any) -> Any:
     r"""``safe_rsqrt``'s rule: :math:`x^{-1/2}`; 0 with derivative 0 at finite ``x <= 0``."""
-    sing = _finite_le(x, 0)
-    return jnp.where(sing, jnp.zeros_like(x), lax.rsqrt(jnp.where(sing, jnp.ones_like(x), x)))
+    return _unary_rule(prim, x, _finite_le(x, 0), 1, 0)
 
 
-def safe_log_rule(x):
+def safe_log_rule(prim: Callable, x: Any) -> Any:
     r"""``safe_log``'s rule: :math:`\log x`; ``log(tiny)`` with derivative 0 at ``x <= 0``."""
-    sing = _finite_le(x, 0)
-    return jnp.where(sing, _log_tiny(x), lax.log(jnp.where(sing, jnp.ones_like(x), x)))
+    return _unary_rule(prim, x, _finite_le(x, 0), 1, _log_tiny(x))
 
 
-def safe_log1p_rule(x):
+def safe_log1p_rule(prim: Callable, x: Any) -> Any:
     r""":math:`\log(1 + x)`; ``log(tiny)`` with derivative 0 at finite ``x <= -1``."""
-    sing = _finite_le(x, -1)
-    return jnp.where(sing, _log_tiny(x), lax.log1p(jnp.where(sing, jnp.zeros_like(x), x)))
+    return _unary_rule(prim, x, _finite_le(x, -1), 0, _log_tiny(x))
 
 
-def safe_div_rule(a, b):
-    r"""``safe_div``'s rule: :math:`a / b`; 0 with derivatives 0 where ``b == 0`` (finite ``a``)."""
-    sing = (b == 0) & jnp.isfinite(a)
-    return jnp.where(sing, jnp.zeros_like(a), lax.div(a, jnp.where(sing, jnp.ones_like(b), b)))
+def safe_div_rule(prim: Callable, a: Any, b: Any) -> Any:
+    r"""``safe_div``'s rule: :math:`a / b`; 0 with derivatives 0 where ``b == 0`` (finite ``a``).
+
+    The divisor is replaced in its own shape (1 where it is 0); the output mask
+    adds the finiteness of ``a``, so ``inf / 0`` stays non-finite.
+    """
+    zero = lax.eq(b, _const(b, 0))
+    out = prim(a, _replace(zero, 1, b))
+    return _replace(_broadcast(lax.bitwise_and(zero, lax.is_finite(a)), np.shape(out)), 0, out)
 
 
-def safe_integer_pow_rule(x, n: int):
+def safe_integer_pow_rule(prim: Callable, x: Any) -> Any:
     r""":math:`x^n` for ``n < 0``: 0 with derivative 0 at ``x = 0`` (pseudo-inverse)."""
-    sing = x == 0
-    return jnp.where(sing, jnp.zeros_like(x),
-                     lax.integer_pow(jnp.where(sing, jnp.ones_like(x), x), n))
+    return _unary_rule(prim, x, lax.eq(x, _const(x, 0)), 1, 0)
 
 
-def safe_pow_rule(x, y):
+def safe_pow_rule(prim: Callable, x: Any, y: Any) -> Any:
     r""":math:`x^y`, finite with finite derivatives where it or its derivative is singular.
 
     At ``x = 0`` with ``y < 1, y != 0`` (the value is 0 or Inf there and
@@ -225,33 +256,37 @@ def safe_pow_rule(x, y):
     ``y`` (NaN) it is ``|x| ** y``, ``safe_pow``'s value, with that function's
     derivative. Elsewhere it is ``x ** y`` exactly.
     """
-    zero = (x == 0) & (y < 1) & (y != 0)
-    neg = (x < 0) & (y != jnp.round(y)) & jnp.isfinite(y)
-    base = jnp.where(neg, -x, jnp.where(zero, jnp.ones_like(x), x))
-    return jnp.where(zero, jnp.zeros_like(x), lax.pow(base, y))
+    zero = lax.bitwise_and(lax.eq(x, _const(x, 0)), lax.bitwise_and(
+        lax.lt(y, _const(y, 1)), lax.ne(y, _const(y, 0))))
+    fractional = lax.ne(y, lax.round(y, lax.RoundingMethod.TO_NEAREST_EVEN))
+    neg = lax.bitwise_and(lax.lt(x, _const(x, 0)),
+                          lax.bitwise_and(fractional, lax.is_finite(y)))
+    shape = np.shape(lax.bitwise_and(zero, neg))
+    zero, neg, xb = (_broadcast(v, shape) for v in (zero, neg, x))
+    base = lax.select(neg, lax.neg(xb), _replace(zero, 1, xb))
+    return _replace(zero, 0, prim(base, y))
 
 
-def _arc(op):
-    def rule(x):
-        sing = (jnp.abs(x) >= 1) & jnp.isfinite(x)
-        edge = lax.stop_gradient(op(jnp.clip(x, -1, 1).astype(x.dtype)))
-        return jnp.where(sing, edge, op(jnp.where(sing, jnp.zeros_like(x), x)))
+def _arc(name: str) -> Callable:
+    def rule(prim: Callable, x: Any) -> Any:
+        sing = lax.bitwise_and(lax.ge(lax.abs(x), _const(x, 1)), lax.is_finite(x))
+        edge = lax.stop_gradient(prim(lax.clamp(_const(x, -1), x, _const(x, 1))))
+        return lax.select(sing, edge, prim(_replace(sing, 0, x)))
 
-    rule.__doc__ = (f":math:`\\{op.__name__}(x)` at ``clip(x, -1, 1)``; derivative 0 at "
+    rule.__doc__ = (f":math:`\\{name}(x)` at ``clip(x, -1, 1)``; derivative 0 at "
                     "``|x| >= 1``, where it is infinite or undefined.")
     return rule
 
 
-safe_acos_rule = _arc(lax.acos)
-safe_asin_rule = _arc(lax.asin)
+safe_acos_rule = _arc("arccos")
+safe_asin_rule = _arc("arcsin")
 
 
-def safe_atan2_rule(y, x):
+def safe_atan2_rule(prim: Callable, y: Any, x: Any) -> Any:
     r""":math:`\mathrm{atan2}(y, x)` exactly; derivatives 0 at the origin (they are 0/0)."""
-    sing = (x == 0) & (y == 0)
-    one = jnp.ones_like(x)
-    edge = lax.stop_gradient(lax.atan2(y, x))
-    return jnp.where(sing, edge, lax.atan2(jnp.where(sing, one, y), jnp.where(sing, one, x)))
+    sing = lax.bitwise_and(lax.eq(x, _const(x, 0)), lax.eq(y, _const(y, 0)))
+    edge = _broadcast(lax.stop_gradient(prim(y, x)), np.shape(sing))
+    return lax.select(sing, edge, prim(_replace(sing, 1, y), _replace(sing, 1, x)))
 
 
 # --------------------------------------------------------------------------- rule table
@@ -261,44 +296,43 @@ def _real_float(aval: Any) -> bool:
     return jnp.issubdtype(aval.dtype, jnp.floating)
 
 
-Rule = Callable[[dict, list, list], "Any | None"]
+# A rule: (prim, params, invals, facts) -> the safe output, or None for the plain
+# primitive. ``prim`` binds the equation's own primitive and parameters.
+Rule = Callable[[Callable, dict, list, list], "Any | None"]
 
 
-def _unary(op, needs: int):
-    def rule(params, invals, facts):
+def _unary(op: Callable, needs: int) -> Rule:
+    def rule(prim, params, invals, facts):
         if facts[0] & needs == needs:
             return None
-        return op(invals[0])
+        return op(prim, invals[0])
 
     return rule
 
 
-def _div(params, invals, facts):
+def _div(prim, params, invals, facts):
     if facts[1] & NONZERO:
         return None
-    return safe_div_rule(invals[0], invals[1])
+    return safe_div_rule(prim, invals[0], invals[1])
 
 
-def _integer_pow(params, invals, facts):
-    n = params["y"]
-    if n >= 0 or facts[0] & NONZERO:
+def _integer_pow(prim, params, invals, facts):
+    if params["y"] >= 0 or facts[0] & NONZERO:
         return None
-    return safe_integer_pow_rule(invals[0], n)
+    return safe_integer_pow_rule(prim, invals[0])
 
 
-def _pow(params, invals, facts):
+def _pow(prim, params, invals, facts):
     x, y = invals
     if facts[0] == POS or not jnp.issubdtype(jnp.result_type(y), jnp.floating):
         return None
     if jnp.result_type(x) != jnp.result_type(y):
         return None
-    if jnp.shape(y) != jnp.shape(x):
-        y = jnp.broadcast_to(y, jnp.shape(x))
-    return safe_pow_rule(x, y)
+    return safe_pow_rule(prim, x, y)
 
 
-def _log1p(params, invals, facts):
-    return None if facts[0] & NONNEG else safe_log1p_rule(invals[0])
+def _log1p(prim, params, invals, facts):
+    return None if facts[0] & NONNEG else safe_log1p_rule(prim, invals[0])
 
 
 RULES: dict[str, Rule] = {
@@ -311,7 +345,7 @@ RULES: dict[str, Rule] = {
     "pow": _pow,
     "acos": _unary(safe_acos_rule, 1 << 8),
     "asin": _unary(safe_asin_rule, 1 << 8),
-    "atan2": lambda params, invals, facts: safe_atan2_rule(*invals),
+    "atan2": lambda prim, params, invals, facts: safe_atan2_rule(prim, *invals),
 }
 
 
