@@ -59,6 +59,27 @@ def _match(value: Any, aval: Any) -> Any:
     return lax_internal._convert_element_type(value, aval.dtype, weak_type=aval.weak_type)
 
 
+_FOLD = frozenset({"convert_element_type", "add", "sub", "mul", "div", "neg", "max", "min",
+                   "integer_pow", "square", "abs"})
+
+
+def _fold(eqn: Any, known: Sequence[Any]) -> Any:
+    """The value of a scalar equation whose operands are all known at trace time, else None.
+
+    ``jnp.var`` divides by ``n - ddof`` computed from a literal ``ddof``: a
+    divisor known to be non-zero keeps the plain ``div``.
+    """
+    if (eqn.primitive.name not in _FOLD or not known or any(k is None for k in known)
+            or len(eqn.outvars) != 1 or getattr(eqn.outvars[0].aval, "shape", None) != ()):
+        return None
+    try:
+        with jax.ensure_compile_time_eval():
+            out = bind_equation(eqn, [np.asarray(k) for k in known])[0]
+        return np.asarray(out)
+    except Exception:  # an operand jax will not evaluate eagerly: no fact
+        return None
+
+
 def _needs_facts(eqn: Any) -> bool:
     """Constants' facts are worth reading only where a rule or a fact can use them."""
     return eqn.primitive.name not in ("dot_general", "conv_general_dilated")
@@ -69,6 +90,8 @@ class _Evaluator:
 
     def __init__(self) -> None:
         self._const_facts: dict[int, int] = {}
+        self.out_facts: list[int] = []
+        self.sub_facts: list[int] | None = None
 
     def _fact_of_value(self, value: Any) -> int:
         key = id(value)
@@ -77,8 +100,10 @@ class _Evaluator:
         return self._const_facts[key]
 
     def eval(self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any],
-             arg_facts: Sequence[int] | None = None, name_stack: Any = None) -> list:
+             arg_facts: Sequence[int] | None = None, name_stack: Any = None,
+             arg_known: Sequence[Any] | None = None) -> list:
         env: dict[Any, Any] = {}
+        known: dict[Any, Any] = {}  # scalars whose value is known at trace time (ddof, counts)
         facts: dict[Any, int] = {}
         tags: dict[Any, Any] = {}
         lazy: dict[Any, Any] = {}  # constants: their facts are computed when a rule asks
@@ -89,6 +114,15 @@ class _Evaluator:
         for v, a, f in zip(jaxpr.invars, args, arg_facts):
             env[v] = a
             facts[v] = f
+        for v, k in zip(jaxpr.invars, arg_known or ()):
+            if k is not None:
+                known[v] = k
+                facts[v] = rules.constant_fact(k)
+
+        def known_of(v):
+            if isinstance(v, jcore.Literal):
+                return v.val if np.ndim(v.val) == 0 else None
+            return known.get(v)
 
         def read(v):
             return v.val if isinstance(v, jcore.Literal) else env[v]
@@ -106,9 +140,12 @@ class _Evaluator:
             stack = eqn.source_info.name_stack
             if name_stack is not None:
                 stack = name_stack + stack
+            self.sub_facts = None  # a jit body's output facts, when the handler knows them
             with source_info_util.user_context(eqn.source_info.traceback, name_stack=stack), \
                     eqn.ctx.manager:
-                outs = self._eqn(eqn, invals, in_facts, stack)
+                outs = self._eqn(eqn, invals, in_facts, stack, [known_of(v) for v in eqn.invars])
+            sub = self.sub_facts if eqn.primitive.name in ("jit", "pjit") else None
+            folded = _fold(eqn, [known_of(v) for v in eqn.invars])
             same = len(eqn.invars) == 2 and eqn.invars[0] is eqn.invars[1]
             out_fact = rules.propagate(eqn.primitive.name, eqn.params, in_facts, same)
             out_fact |= rules.shift_fact(eqn.primitive.name, eqn.params, eqn.invars, tags)
@@ -119,14 +156,18 @@ class _Evaluator:
                 if isinstance(v, jcore.DropVar):
                     continue
                 env[v] = _match(o, v.aval)
-                facts[v] = out_fact if i == 0 else 0
+                facts[v] = (out_fact if i == 0 else 0) | (sub[i] if sub else 0)
+            if folded is not None:
+                known[eqn.outvars[0]] = folded
+                facts[eqn.outvars[0]] = rules.constant_fact(folded)
+        self.out_facts = [fact(v) for v in jaxpr.outvars]
         return [read(v) for v in jaxpr.outvars]
 
-    def _eqn(self, eqn: Any, invals: list, in_facts: list, stack: Any) -> list:
+    def _eqn(self, eqn: Any, invals: list, in_facts: list, stack: Any, in_known: list) -> list:
         name = eqn.primitive.name
         p = eqn.params
         if name in ("jit", "pjit") and "jaxpr" in p:
-            return self._jit(eqn, invals, in_facts, stack)
+            return self._jit(eqn, invals, in_facts, stack, in_known)
         if name in _INLINE and _INLINE[name] in p:
             jaxpr, consts = _closed(p[_INLINE[name]])
             return self.eval(jaxpr, consts, invals, in_facts, stack)
@@ -149,22 +190,26 @@ class _Evaluator:
 
     # -- control flow ---------------------------------------------------------------
 
-    def _body(self, closed: Any, facts: Sequence[int], stack: Any) -> Callable:
+    def _body(self, closed: Any, facts: Sequence[int], stack: Any,
+              known: Sequence[Any] | None = None) -> Callable:
         jaxpr, consts = _closed(closed)
 
         def run(*args):
             outs = self.eval(jaxpr, consts, args, list(facts) + [0] * (len(args) - len(facts)),
-                             stack)
+                             stack, known)
+            run.out_facts = self.out_facts
             return [_match(o, v.aval) for o, v in zip(outs, jaxpr.outvars)]
 
         return run
 
-    def _jit(self, eqn, invals, in_facts, stack):
+    def _jit(self, eqn, invals, in_facts, stack, in_known):
         p = eqn.params
-        body = self._body(p["jaxpr"], in_facts, stack)
+        body = self._body(p["jaxpr"], in_facts, stack, in_known)
         body.__name__ = body.__qualname__ = p.get("name", "jit")
         fn = jax.jit(body, keep_unused=p.get("keep_unused", False), inline=p.get("inline", False))
-        return list(fn(*invals))
+        outs = list(fn(*invals))
+        self.sub_facts = getattr(body, "out_facts", None)  # set while jax.jit traced the body
+        return outs
 
     def _scan(self, eqn, invals, in_facts, stack):
         p = eqn.params

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 from jax.extend import core as jcore
 
 NONNEG = 1
@@ -164,20 +165,25 @@ def propagate(name: str, params: dict, in_facts: Sequence[int], same_operand: bo
 
 # --------------------------------------------------------------------------- safe rules
 #
-# Each rule is the double-``where`` form: the plain primitive (``prim``, bound
-# with the equation's own parameters) evaluated at a harmless input where the
-# point is singular, selected away there. Off the singular set the value *and*
-# the derivatives are jax's own, bit for bit: the derivative is the plain
-# primitive's JVP rule (``sqrt``'s ``g * (0.5 / ans)``, ``div``'s ``g / y`` and
-# ``-g * x * y**-2``, ...) on the same operands, and a ``select`` moves no bits.
-# On the singular set the value is the documented constant and the derivative
-# 0, to every order.
+# Each rule is a ``custom_jvp`` whose value is the plain primitive (``prim``,
+# bound with the equation's own parameters) at a harmless input where the point
+# is singular, selected away there, and whose derivative is jax's own JVP
+# formula for that primitive (jax/_src/lax/lax.py: ``sqrt``'s
+# ``g * (0.5 / ans)``, ``div``'s ``g / y`` and ``-g * x * y**-2``, ...) on the
+# same operands, in the same order, with one ``select`` on the output tangent:
+# 0 on the singular set. Transposed, that select acts on the incoming
+# cotangent before jax's own chain, so the backward program is the plain one
+# op for op. No select sits between a multiply and the add that consumes it
+# (XLA's CPU backend contracts those into a fused multiply-add, and a select in
+# between would change the rounding). Off the singular set value and gradient
+# are therefore jax's bit for bit; on it the value is the documented constant
+# and the derivative 0, to every order (the JVP rule reads only the harmless
+# operands).
 #
 # The rules are written with ``lax`` and keep each operand's own shape: an
 # operand that jax broadcasts implicitly (the ``[n, 1]`` divisor of
 # ``x / norm(x, keepdims=True)``) is not broadcast by hand, so the transposed
-# program reduces the same array in the same place and XLA fuses it as it
-# fuses the plain one.
+# program reduces the same array in the same place.
 
 
 def _dtype(x: Any) -> Any:
@@ -206,29 +212,72 @@ def _log_tiny(x: Any) -> float:
     return float(np.log(np.finfo(_dtype(x)).tiny))
 
 
-def _unary_rule(prim: Callable, x: Any, sing: Any, harmless: float, value: float) -> Any:
-    out = prim(_replace(sing, harmless, x))
-    return _replace(sing, value, out)
+def _safe(primal: Callable, tangents: Callable) -> Callable:
+    """The ``custom_jvp`` of a rule.
+
+    ``primal(*args) -> (out, sing, ctx)``: the safe value, the singular set (the
+    output's shape) and the harmless operands. ``tangents(ctx, *ts)``: jax's JVP
+    term of each operand (``None`` for an operand that is not perturbed).
+    """
+
+    @jax.custom_jvp
+    def rule(*args):
+        return primal(*args)[0]
+
+    def jvp(args, ts):
+        out, sing, ctx = primal(*args)
+        live = [t if not isinstance(t, SymbolicZero) else None for t in ts]
+        terms = [t for t in tangents(ctx, *live) if t is not None]
+        total = terms[0]
+        for t in terms[1:]:
+            total = lax.add(total, t)
+        return out, _replace(sing, 0, _broadcast(total, np.shape(out)))
+
+    rule.defjvp(jvp, symbolic_zeros=True)
+    return rule
+
+
+def _unary_safe(prim: Callable, singular: Callable, harmless: float, value: Callable,
+                term: Callable) -> Callable:
+    def primal(x):
+        sing = singular(x)
+        xs = _replace(sing, harmless, x)
+        ans = prim(xs)
+        return _replace(sing, value(x), ans), sing, (xs, ans)
+
+    return _safe(primal, lambda ctx, g: [None if g is None else term(g, *ctx)])
 
 
 def safe_sqrt_rule(prim: Callable, x: Any) -> Any:
     r"""``safe_sqrt``'s rule: :math:`\sqrt{x}`; 0 with derivative 0 at finite ``x <= 0``."""
-    return _unary_rule(prim, x, _finite_le(x, 0), 1, 0)
+    return _unary_safe(prim, lambda x: _finite_le(x, 0), 1, lambda x: 0,
+                       lambda g, xs, ans: lax.mul(g, lax.div(_const(xs, 0.5), ans)))(x)
 
 
 def safe_rsqrt_rule(prim: Callable, x: Any) -> Any:
     r"""``safe_rsqrt``'s rule: :math:`x^{-1/2}`; 0 with derivative 0 at finite ``x <= 0``."""
-    return _unary_rule(prim, x, _finite_le(x, 0), 1, 0)
+    return _unary_safe(
+        prim, lambda x: _finite_le(x, 0), 1, lambda x: 0,
+        lambda g, xs, ans: lax.mul(g, lax.mul(_const(xs, -0.5), lax.div(ans, xs))))(x)
 
 
 def safe_log_rule(prim: Callable, x: Any) -> Any:
     r"""``safe_log``'s rule: :math:`\log x`; ``log(tiny)`` with derivative 0 at ``x <= 0``."""
-    return _unary_rule(prim, x, _finite_le(x, 0), 1, _log_tiny(x))
+    return _unary_safe(prim, lambda x: _finite_le(x, 0), 1, _log_tiny,
+                       lambda g, xs, ans: lax.div(g, xs))(x)
 
 
 def safe_log1p_rule(prim: Callable, x: Any) -> Any:
     r""":math:`\log(1 + x)`; ``log(tiny)`` with derivative 0 at finite ``x <= -1``."""
-    return _unary_rule(prim, x, _finite_le(x, -1), 0, _log_tiny(x))
+    return _unary_safe(prim, lambda x: _finite_le(x, -1), 0, _log_tiny,
+                       lambda g, xs, ans: lax.div(g, lax.add(xs, _const(xs, 1))))(x)
+
+
+def safe_integer_pow_rule(prim: Callable, x: Any, n: int) -> Any:
+    r""":math:`x^n` for ``n < 0``: 0 with derivative 0 at ``x = 0`` (pseudo-inverse)."""
+    return _unary_safe(
+        prim, lambda x: lax.eq(x, _const(x, 0)), 1, lambda x: 0,
+        lambda g, xs, ans: lax.mul(g, lax.mul(_const(xs, n), lax.integer_pow(xs, n - 1))))(x)
 
 
 def safe_div_rule(prim: Callable, a: Any, b: Any) -> Any:
@@ -237,14 +286,20 @@ def safe_div_rule(prim: Callable, a: Any, b: Any) -> Any:
     The divisor is replaced in its own shape (1 where it is 0); the output mask
     adds the finiteness of ``a``, so ``inf / 0`` stays non-finite.
     """
-    zero = lax.eq(b, _const(b, 0))
-    out = prim(a, _replace(zero, 1, b))
-    return _replace(_broadcast(lax.bitwise_and(zero, lax.is_finite(a)), np.shape(out)), 0, out)
 
+    def primal(a, b):
+        zero = lax.eq(b, _const(b, 0))
+        bs = _replace(zero, 1, b)
+        out = prim(a, bs)
+        sing = _broadcast(lax.bitwise_and(zero, lax.is_finite(a)), np.shape(out))
+        return _replace(sing, 0, out), sing, (a, bs)
 
-def safe_integer_pow_rule(prim: Callable, x: Any) -> Any:
-    r""":math:`x^n` for ``n < 0``: 0 with derivative 0 at ``x = 0`` (pseudo-inverse)."""
-    return _unary_rule(prim, x, lax.eq(x, _const(x, 0)), 1, 0)
+    def tangents(ctx, ga, gb):
+        a, bs = ctx
+        return [None if ga is None else lax.div(ga, bs),
+                None if gb is None else lax.mul(lax.mul(lax.neg(gb), a), lax.integer_pow(bs, -2))]
+
+    return _safe(primal, tangents)(a, b)
 
 
 def safe_pow_rule(prim: Callable, x: Any, y: Any) -> Any:
@@ -254,39 +309,77 @@ def safe_pow_rule(prim: Callable, x: Any, y: Any) -> Any:
     :math:`y\,x^{y-1}` is Inf) the value is 0 and the derivatives 0: the
     ``safe_sqrt`` and ``safe_pow`` convention. At ``x < 0`` with a fractional
     ``y`` (NaN) it is ``|x| ** y``, ``safe_pow``'s value, with that function's
-    derivative. Elsewhere it is ``x ** y`` exactly.
+    derivative. Elsewhere it is ``x ** y`` exactly, with jax's derivative.
     """
-    zero = lax.bitwise_and(lax.eq(x, _const(x, 0)), lax.bitwise_and(
-        lax.lt(y, _const(y, 1)), lax.ne(y, _const(y, 0))))
-    fractional = lax.ne(y, lax.round(y, lax.RoundingMethod.TO_NEAREST_EVEN))
-    neg = lax.bitwise_and(lax.lt(x, _const(x, 0)),
-                          lax.bitwise_and(fractional, lax.is_finite(y)))
-    shape = np.shape(lax.bitwise_and(zero, neg))
-    zero, neg, xb = (_broadcast(v, shape) for v in (zero, neg, x))
-    base = lax.select(neg, lax.neg(xb), _replace(zero, 1, xb))
-    return _replace(zero, 0, prim(base, y))
+
+    def primal(x, y):
+        zero = lax.bitwise_and(lax.eq(x, _const(x, 0)), lax.bitwise_and(
+            lax.lt(y, _const(y, 1)), lax.ne(y, _const(y, 0))))
+        fractional = lax.ne(y, lax.round(y, lax.RoundingMethod.TO_NEAREST_EVEN))
+        neg = lax.bitwise_and(lax.lt(x, _const(x, 0)),
+                              lax.bitwise_and(fractional, lax.is_finite(y)))
+        shape = np.shape(lax.bitwise_and(zero, neg))
+        zero, neg, xb = (_broadcast(v, shape) for v in (zero, neg, x))
+        base = lax.select(neg, lax.neg(xb), _replace(zero, 1, xb))
+        ans = prim(base, y)
+        return _replace(zero, 0, ans), zero, (base, y, ans, neg)
+
+    def tangents(ctx, gx, gy):
+        base, y, ans, neg = ctx
+        terms = [None, None]
+        if gx is not None:  # jax: g * (y * x ** (y - 1)); d|x|^y/dx = -that at x < 0
+            jac = lax.mul(y, prim(base, lax.sub(y, _const(y, 1))))
+            terms[0] = lax.mul(gx, lax.select(neg, lax.neg(jac), jac))
+        if gy is not None:  # jax: g * (log(x, 1 where x == 0) * ans)
+            logx = lax.log(_replace(lax.eq(base, _const(base, 0)), 1, base))
+            terms[1] = lax.mul(gy, lax.mul(logx, ans))
+        return terms
+
+    return _safe(primal, tangents)(x, y)
 
 
-def _arc(name: str) -> Callable:
+def _arc(name: str, sign: int) -> Callable:
     def rule(prim: Callable, x: Any) -> Any:
-        sing = lax.bitwise_and(lax.ge(lax.abs(x), _const(x, 1)), lax.is_finite(x))
-        edge = lax.stop_gradient(prim(lax.clamp(_const(x, -1), x, _const(x, 1))))
-        return lax.select(sing, edge, prim(_replace(sing, 0, x)))
+        def primal(x):
+            sing = lax.bitwise_and(lax.ge(lax.abs(x), _const(x, 1)), lax.is_finite(x))
+            xs = _replace(sing, 0, x)
+            edge = prim(lax.clamp(_const(x, -1), x, _const(x, 1)))
+            return lax.select(sing, edge, prim(xs)), sing, (xs,)
+
+        def tangents(ctx, g):  # jax: g * (+-rsqrt(1 - x**2))
+            (xs,) = ctx
+            if g is None:
+                return [None]
+            r = lax.rsqrt(lax.sub(_const(xs, 1), lax.square(xs)))
+            return [lax.mul(g, lax.neg(r) if sign < 0 else r)]
+
+        return _safe(primal, tangents)(x)
 
     rule.__doc__ = (f":math:`\\{name}(x)` at ``clip(x, -1, 1)``; derivative 0 at "
                     "``|x| >= 1``, where it is infinite or undefined.")
     return rule
 
 
-safe_acos_rule = _arc("arccos")
-safe_asin_rule = _arc("arcsin")
+safe_acos_rule = _arc("arccos", -1)
+safe_asin_rule = _arc("arcsin", 1)
 
 
 def safe_atan2_rule(prim: Callable, y: Any, x: Any) -> Any:
     r""":math:`\mathrm{atan2}(y, x)` exactly; derivatives 0 at the origin (they are 0/0)."""
-    sing = lax.bitwise_and(lax.eq(x, _const(x, 0)), lax.eq(y, _const(y, 0)))
-    edge = _broadcast(lax.stop_gradient(prim(y, x)), np.shape(sing))
-    return lax.select(sing, edge, prim(_replace(sing, 1, y), _replace(sing, 1, x)))
+
+    def primal(y, x):
+        sing = lax.bitwise_and(lax.eq(x, _const(x, 0)), lax.eq(y, _const(y, 0)))
+        ys, xs = _replace(sing, 1, y), _replace(sing, 1, x)
+        edge = _broadcast(prim(y, x), np.shape(sing))
+        return lax.select(sing, edge, prim(ys, xs)), sing, (ys, xs)
+
+    def tangents(ctx, gy, gx):  # jax's atan2_p(x, y) rules, x the first operand
+        ys, xs = ctx
+        den = lax.add(lax.square(ys), lax.square(xs))
+        return [None if gy is None else lax.mul(gy, lax.div(xs, den)),
+                None if gx is None else lax.mul(gx, lax.div(lax.neg(ys), den))]
+
+    return _safe(primal, tangents)(y, x)
 
 
 # --------------------------------------------------------------------------- rule table
@@ -319,7 +412,7 @@ def _div(prim, params, invals, facts):
 def _integer_pow(prim, params, invals, facts):
     if params["y"] >= 0 or facts[0] & NONZERO:
         return None
-    return safe_integer_pow_rule(prim, invals[0])
+    return safe_integer_pow_rule(prim, invals[0], params["y"])
 
 
 def _pow(prim, params, invals, facts):
