@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -283,24 +283,28 @@ class _Node:
         self.leaves, self.treedef = jax.tree.flatten(state)
 
 
-def _call(fn: Callable, args: tuple, kwargs: dict) -> Any:
-    from flax import nnx
+class _Traced(NamedTuple):
+    """The rewritten program of one argument signature, and how to rebuild the outputs."""
 
-    leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=_is_graph_node)
-    slots: list[tuple[str, Any]] = []
-    dynamic: list[Any] = []
-    nodes: list[_Node] = []
-    for leaf in leaves:
-        if _is_graph_node(leaf):
-            node = _Node(leaf)
-            slots.append(("node", (len(nodes), len(dynamic), len(node.leaves))))
-            nodes.append(node)
-            dynamic.extend(node.leaves)
-        elif _is_dynamic(leaf):
-            slots.append(("array", len(dynamic)))
-            dynamic.append(leaf)
-        else:
-            slots.append(("static", leaf))
+    jaxpr: Any  # ClosedJaxpr of the rewritten program, flat dynamic leaves in and out
+    out_tree: Any
+    out_static: list
+
+
+_CACHE_SIZE = 64
+
+
+def _signature(treedef: Any, slots: list, nodes: list, dynamic: list) -> Any:
+    """The cache key: tree structure, static leaves, NNX graph definitions, avals."""
+    static = tuple((type(info), info) for kind, info in slots if kind == "static")
+    key = (treedef, static, tuple(n.graphdef for n in nodes),
+           tuple(jax.typeof(x) for x in dynamic))
+    hash(key)  # TypeError for an unhashable static argument: not cached
+    return key
+
+
+def _trace(fn: Callable, treedef: Any, slots: list, nodes: list, dynamic: list) -> _Traced:
+    from flax import nnx
 
     def pure(dyn):
         rebuilt, merged = [], []
@@ -323,12 +327,48 @@ def _call(fn: Callable, args: tuple, kwargs: dict) -> Any:
     out_tree: list[Any] = [None]
     out_static: list[Any] = []
     closed = jax.make_jaxpr(pure)(dynamic)
-    # make_jaxpr records name stacks relative to its entry: put the caller's in front
-    # (a linen scope or a jax.named_scope around the call), as the plain call has it.
-    flat = iter(_Evaluator().eval(closed.jaxpr, closed.consts, jax.tree.leaves(dynamic),
-                                  name_stack=source_info_util.current_name_stack()))
-    leaves_out = [next(flat) if st is None else st[0] for st in out_static]
-    out, states = jax.tree.unflatten(out_tree[0], leaves_out)
+    rewritten = jax.make_jaxpr(
+        lambda dyn: _Evaluator().eval(closed.jaxpr, closed.consts, dyn))(list(dynamic))
+    return _Traced(rewritten, out_tree[0], out_static)
+
+
+def _call(fn: Callable, args: tuple, kwargs: dict, cache: dict) -> Any:
+    from flax import nnx
+
+    leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=_is_graph_node)
+    slots: list[tuple[str, Any]] = []
+    dynamic: list[Any] = []
+    nodes: list[_Node] = []
+    for leaf in leaves:
+        if _is_graph_node(leaf):
+            node = _Node(leaf)
+            slots.append(("node", (len(nodes), len(dynamic), len(node.leaves))))
+            nodes.append(node)
+            dynamic.extend(node.leaves)
+        elif _is_dynamic(leaf):
+            slots.append(("array", len(dynamic)))
+            dynamic.append(leaf)
+        else:
+            slots.append(("static", leaf))
+
+    try:
+        key = _signature(treedef, slots, nodes, dynamic)
+    except TypeError:
+        key = None
+    traced = cache.get(key) if key is not None else None
+    if traced is None:
+        traced = _trace(fn, treedef, slots, nodes, dynamic)
+        # A program that closes over a tracer of the caller's trace is not reusable.
+        if key is not None and not any(isinstance(c, jax.core.Tracer)
+                                       for c in traced.jaxpr.consts):
+            if len(cache) >= _CACHE_SIZE:
+                cache.pop(next(iter(cache)))
+            cache[key] = traced
+    # eval_jaxpr puts the caller's name stack (a linen scope, a jax.named_scope) in
+    # front of the recorded ones, as the plain call has it.
+    flat = iter(jax.core.eval_jaxpr(traced.jaxpr.jaxpr, traced.jaxpr.consts, *dynamic))
+    leaves_out = [next(flat) if st is None else st[0] for st in traced.out_static]
+    out, states = jax.tree.unflatten(traced.out_tree, leaves_out)
     for node, state in zip(nodes, states):
         nnx.update(node.module, state)
     return out
@@ -390,8 +430,12 @@ def harden(fn: Callable) -> Callable:
             "not harden(loss(x))."
         )
 
+    cache: dict[Any, _Traced] = {}
+
     @functools.wraps(fn)
     def hardened(*args: Any, **kwargs: Any) -> Any:
-        return _call(fn, args, kwargs)
+        return _call(fn, args, kwargs, cache)
+
+    hardened._cache = cache  # the rewritten programs by argument signature (tests read it)
 
     return hardened
