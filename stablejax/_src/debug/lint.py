@@ -27,6 +27,7 @@ from stablejax._src.debug import intervals as iv
 from stablejax._src.debug import lint_rules as rules
 from stablejax._src.debug import nnx_names
 from stablejax._src.debug import phase as phase_labels
+from stablejax._src.debug.fresh_trace import fresh_trace
 from stablejax._src.debug.interpreter import CALL_PARAMS
 from stablejax._src.debug.risk import Risk, Risks
 from stablejax._src.debug.source import (
@@ -39,7 +40,6 @@ from stablejax._src.debug.source import (
     traceback_frames,
 )
 
-_FRESH_TRACE = jax.make_user_context(None)
 _CUSTOM = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
 # Functions written safe on purpose whose safety interval arithmetic cannot see
 # (optax.safe_norm replaces x by ones where its norm is small).
@@ -140,7 +140,7 @@ def _lint(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Risks:
         with (
             nnx_names.nnx_module_names(),
             nnx_names.collect_roots(roots),
-            _FRESH_TRACE("stablejax.debug.lint"),
+            fresh_trace("stablejax.debug.lint"),
         ):
             closed = jax.make_jaxpr(flat_fn)(*specs)
     except Exception as e:
