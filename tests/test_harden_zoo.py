@@ -24,6 +24,7 @@ import stablejax
 from stablejax import harden
 
 sys.path.insert(0, os.path.dirname(__file__))
+import nan_bugs  # noqa: E402  (bugs from the trackers, shared with the lint zoo)
 from harden_clean import CLEAN  # noqa: E402  (the clean reference models)
 
 
@@ -142,6 +143,7 @@ ZOO = [
         lambda x: jnp.sum(jnp.linalg.cholesky(jnp.outer(x, x))), np.array([1.0, 2.0], np.float32),
         fixable=False),
 ]
+ZOO += [Bug(b.name, b.fn, b.x, fixable=b.fixable) for b in nan_bugs.BUGS]
 
 
 def _value_and_grad(fn, x):
@@ -160,7 +162,7 @@ def outcomes():
 
 
 def test_zoo_size_and_rate(outcomes):
-    assert len(ZOO) >= 12
+    assert len(ZOO) >= 36
     fixed = [name for name, (_, hard, _) in outcomes.items() if _finite(hard)]
     rate = len(fixed) / len(ZOO)
     assert rate >= 0.7, (rate, sorted(set(outcomes) - set(fixed)))

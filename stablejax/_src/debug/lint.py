@@ -123,6 +123,11 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
 
 
+def _is_running_variance(path: str) -> bool:
+    """A BatchNorm running variance (linen ``batch_stats/.../var``): non-negative."""
+    return "'batch_stats'" in path and path.endswith("['var']")
+
+
 def _lint(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Risks:
     leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
     dyn = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
@@ -151,6 +156,11 @@ def _lint(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Risks:
         ) from e
     linter = _Linter(frozenset(roots))
     in_avs = [iv.top(v.aval.dtype) for v in closed.jaxpr.invars]
+    paths = [jax.tree_util.keystr(p)
+             for p, _ in jax.tree_util.tree_flatten_with_path((args, kwargs))[0]]
+    for k, i in enumerate(dyn):
+        if _is_running_variance(paths[i]) and k < len(in_avs):
+            in_avs[k] = in_avs[k].replace(lo=0.0)
     linter.run(closed, in_avs)
     return linter.risks()
 

@@ -38,6 +38,7 @@ _MIXING = frozenset({
 })
 _COMPARE = {"gt": "gt", "ge": "ge", "lt": "lt", "le": "le", "eq": "eq", "ne": "ne"}
 _FLIP = {"gt": "lt", "ge": "le", "lt": "gt", "le": "ge", "eq": "eq", "ne": "ne"}
+_ISNAN = ("isnan", "isnan", 0.0)  # the shape of a (ident, op, constant) comparison
 _NEGATE = {"gt": "le", "ge": "lt", "lt": "ge", "le": "gt", "eq": "ne", "ne": "eq"}
 
 
@@ -115,6 +116,8 @@ def _select(eqn, ins, on_masked, trusted_clamp=False) -> AV:
     for c in cases:
         if c.taint:
             on_masked(c.taint)
+    if len(cases) == 2 and pred.cmp == _ISNAN:
+        return cases[0].replace(taint=frozenset())  # the other case is taken for NaN only
     if len(cases) == 2:
         dt = dtype_name(eqn.outvars[0])
         f, t = _refine(cases[0], pred.cmp, False, dt), _refine(cases[1], pred.cmp, True, dt)
@@ -170,7 +173,9 @@ def apply(eqn: Any, ins: list[AV], on_masked: Callable[[frozenset[int]], None]):
         return [AV(0.0, float(max(n - 1, 0)), ident=iv.new_ident())], found
     if name in _COMPARE:
         cmp = None
-        if b.lo == b.hi and not b.empty:
+        if name == "ne" and eqn.invars[0] is eqn.invars[1]:
+            cmp = _ISNAN  # x != x: true only where x is NaN (jnp.logaddexp's guard)
+        elif b.lo == b.hi and not b.empty:
             cmp = (a.ident, name, b.lo)
         elif a.lo == a.hi and not a.empty:
             cmp = (b.ident, _FLIP[name], a.lo)

@@ -122,6 +122,18 @@ def unary_rule(eqn, name, dt, ins, mk, found) -> AV:
                                   f"the derivative of {name} is infinite at +-1 and the input "
                                   "can reach it.", "clip the input to [-1 + eps, 1 - eps]"))
         return mk((-INF, INF) if name == "atanh" else (-math.pi, math.pi))
+    if name == "acosh":
+        if a.lo < 1:
+            found.append(finding(name, "forward", "forward_singularity", "high",
+                                  "acosh is NaN below 1 and its input can be below 1 (or round "
+                                  "there, as 1 + 2 d / den does at d = 0).",
+                                  "acosh(jnp.maximum(x, 1 + eps)); " + HARDEN))
+        elif a.can_be(1):
+            found.append(finding(name, "backward", "derivative_singularity", "high",
+                                  "the derivative of acosh is infinite at 1 (a distance of a "
+                                  "point to itself) and the input can reach it.",
+                                  "acosh(jnp.maximum(x, 1 + eps)); " + HARDEN))
+        return mk((0.0, INF))
     if name == "atan2":
         b = ins[1]
         if a.can_be(0) and b.can_be(0):

@@ -18,6 +18,7 @@ primitive                singular set: value, derivative         convention of
 ``pow``                  ``x == 0, y < 1, y != 0``: 0, 0;        ``safe_pow``
                          ``x < 0``, fractional ``y``: ``|x|**y``
 ``acos``, ``asin``       ``|x| >= 1``: value at ``clip(x)``, 0   ``safe_sqrt``
+``acosh``                finite ``x <= 1``: 0, 0                 ``safe_sqrt``
 ``atan2``                ``x == y == 0``: ``atan2``'s value, 0   ``safe_norm``
 =======================  ======================================  ==================
 
@@ -81,7 +82,8 @@ _SHAPE_OPS = frozenset({
     "reduce_precision", "optimization_barrier",
 })
 _NONNEG_OPS = frozenset({"exp", "exp2", "logistic", "square"})
-_TAG_KEEP = frozenset({"broadcast_in_dim", "stop_gradient", "reshape", "max", "select_n"})
+# Not select_n: logsumexp replaces a non-finite max by 0, and a row of -inf then sums to 0.
+_TAG_KEEP = frozenset({"broadcast_in_dim", "stop_gradient", "reshape", "max"})
 
 
 def shift_tag(name: str, params: dict, invars: Sequence[Any], tags: dict) -> Any:
@@ -364,6 +366,26 @@ safe_acos_rule = _arc("arccos", -1)
 safe_asin_rule = _arc("arcsin", 1)
 
 
+def safe_acosh_rule(prim: Callable, x: Any) -> Any:
+    r""":math:`\operatorname{arccosh}(x)` at ``max(x, 1)``; derivative 0 at finite ``x <= 1``.
+
+    At 1 (the distance of a point to itself in the Poincare ball) the value is
+    0 and jax's derivative ``g * rsqrt(x**2 - 1)`` is Inf.
+    """
+
+    def primal(x):
+        sing = _finite_le(x, 1)
+        xs = _replace(sing, 2, x)
+        return _replace(sing, 0, prim(xs)), sing, (xs,)
+
+    def tangents(ctx, g):  # jax: g * rsqrt(x**2 - 1)
+        (xs,) = ctx
+        return [None if g is None else
+                lax.mul(g, lax.rsqrt(lax.sub(lax.square(xs), _const(xs, 1))))]
+
+    return _safe(primal, tangents)(x)
+
+
 def safe_atan2_rule(prim: Callable, y: Any, x: Any) -> Any:
     r""":math:`\mathrm{atan2}(y, x)` exactly; derivatives 0 at the origin (they are 0/0)."""
 
@@ -438,6 +460,7 @@ RULES: dict[str, Rule] = {
     "pow": _pow,
     "acos": _unary(safe_acos_rule, 1 << 8),
     "asin": _unary(safe_asin_rule, 1 << 8),
+    "acosh": _unary(safe_acosh_rule, 1 << 8),
     "atan2": lambda prim, params, invals, facts: safe_atan2_rule(prim, *invals),
 }
 
