@@ -129,7 +129,7 @@ class FlaxDefaults(nn.Module):
 
 
 def cosine_loss(big: bool):
-    n = 2048 if big else 8
+    n = 65536 if big else 8
 
     def loss(w, a, b):
         za, zb = a @ w, b @ w
@@ -140,7 +140,7 @@ def cosine_loss(big: bool):
 
 
 def rmsnorm_by_hand(big: bool):
-    n = 4096 if big else 8
+    n = 32768 if big else 8
 
     def loss(w, x):
         h = x @ w
@@ -152,7 +152,7 @@ def rmsnorm_by_hand(big: bool):
 
 
 def masked_attention(big: bool):
-    b, t, d = (16, 64, 32) if big else (2, 5, 8)
+    b, t, d = (64, 64, 32) if big else (2, 5, 8)
 
     def loss(wq, x, lengths):
         q = x @ wq
@@ -168,7 +168,7 @@ def masked_attention(big: bool):
 
 
 def log_prob_eps(big: bool):
-    n = 4096 if big else 8
+    n = 32768 if big else 8
 
     def loss(w, x, y):
         logits = x @ w
@@ -182,7 +182,7 @@ def log_prob_eps(big: bool):
 
 
 def std_whitening(big: bool):
-    n = 4096 if big else 8
+    n = 32768 if big else 8
 
     def loss(w, x):
         h = x @ w
@@ -194,7 +194,7 @@ def std_whitening(big: bool):
 
 
 def optax_losses(big: bool):
-    n = 4096 if big else 8
+    n = 32768 if big else 8
 
     def loss(w, x, y):
         out = x @ w
@@ -210,7 +210,7 @@ def optax_losses(big: bool):
 
 
 def gaussian_nll(big: bool):
-    n = 8192 if big else 8
+    n = 262144 if big else 8
 
     def loss(w, x, y):
         out = x @ w
@@ -242,7 +242,7 @@ CLEAN: dict[str, Callable] = {
     "contrastive_head": contrastive_hand_normalize,
     "cnn_groupnorm": _linen(GroupNormCNN(), (2, 8, 8, 3), (64, 16, 16, 3)),
     "resnet_block": _linen(ResNetBlock(), (2, 8, 8, 3), (64, 16, 16, 3)),
-    "flax_defaults": _linen(FlaxDefaults(), (4, 10), (1024, 10)),
+    "flax_defaults": _linen(FlaxDefaults(), (4, 10), (8192, 10)),
     "cosine_loss": cosine_loss,
     "rmsnorm_by_hand": rmsnorm_by_hand,
     "masked_attention": masked_attention,
