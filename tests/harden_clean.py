@@ -101,7 +101,7 @@ class GroupNormCNN(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = nn.relu(nn.GroupNorm(num_groups=2)(nn.Conv(8, (3, 3))(x)))
-        x = nn.relu(nn.GroupNorm(num_groups=4)(nn.Conv(8, (3, 3), strides=2)(x)))
+        x = nn.relu(nn.GroupNorm(num_groups=4)(x))
         return nn.Dense(4)(x.mean(axis=(1, 2)))
 
 
