@@ -122,6 +122,13 @@ def _is_literal(v: Any) -> bool:
     return isinstance(v, jcore.Literal)
 
 
+def _custom_name(params: dict) -> str:
+    """The function name of a ``custom_jvp_call`` (from its jaxpr's debug info)."""
+    info = getattr(getattr(params.get("call_jaxpr"), "jaxpr", None), "debug_info", None)
+    src = getattr(info, "func_src_info", None) or ""
+    return src.split(" ", 1)[0]
+
+
 def propagate(name: str, params: dict, in_facts: Sequence[int], same_operand: bool) -> int:
     """Sign facts of an equation's first output, from those of its operands."""
     f = list(in_facts) or [0]
@@ -156,6 +163,9 @@ def propagate(name: str, params: dict, in_facts: Sequence[int], same_operand: bo
         return NONNEG if (f[0] & NONNEG) and f[1] == POS else 0
     if name == "neg":
         return f[0] & NONZERO
+    if name == "custom_jvp_call" and _custom_name(params) == "logaddexp":
+        # log(exp(a) + exp(b)) >= max(a, b): jax.nn.softplus is logaddexp(x, 0).
+        return NONNEG if any(g & NONNEG for g in f) else 0
     if name in ("concatenate", "select_n"):
         data = f[1:] if name == "select_n" else f
         out = POS
