@@ -436,9 +436,15 @@ BUGS.update({f"tracker: {b.name}": _tracker_bug(b) for b in nan_bugs.BUGS})
 
 
 def _shared_clean(name):
-    def build():
-        loss, args = harden_clean.CLEAN[name](False)
-        return jax.grad(loss), args
+    def build():  # traced abstractly: lint reads shapes only, and eager inits are slow
+        box = {}
+
+        def make():
+            box["loss"], args = harden_clean.CLEAN[name](False)
+            return args
+
+        args = jax.eval_shape(make)
+        return jax.grad(box["loss"]), args
 
     return build
 
