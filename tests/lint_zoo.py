@@ -11,6 +11,9 @@ the code, not in the data and not a learning-rate explosion.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,6 +21,10 @@ import optax
 from flax import nnx
 
 from stablejax import nn as snn
+
+sys.path.insert(0, os.path.dirname(__file__))
+import harden_clean  # noqa: E402  (clean models shared with the harden zoo)
+import nan_bugs  # noqa: E402  (bugs from the trackers, shared with the harden zoo)
 
 F32 = jnp.float32
 
@@ -419,6 +426,29 @@ def clean_regression_optax_step():
     return jax.jit(step), (p, state, x, y)
 
 
+def _tracker_bug(bug):
+    return lambda: (jax.grad(bug.fn), (_spec(*bug.x.shape),), "bug")
+
+
+# Bugs from the trackers whose faulty line lint flags under jax.grad (the rest,
+# with ``linted=False``, are asserted missed in tests/test_lint.py).
+BUGS.update({f"tracker: {b.name}": _tracker_bug(b) for b in nan_bugs.BUGS})
+
+
+def _shared_clean(name):
+    def build():  # traced abstractly: lint reads shapes only, and eager inits are slow
+        box = {}
+
+        def make():
+            box["loss"], args = harden_clean.CLEAN[name](False)
+            return args
+
+        args = jax.eval_shape(make)
+        return jax.grad(box["loss"]), args
+
+    return build
+
+
 CLEAN = {
     f.__name__[6:]: f
     for f in (
@@ -426,6 +456,13 @@ CLEAN = {
         clean_contrastive, clean_nnx_mlp, clean_regression_optax_step,
     )
 }
+# Safe by construction, shared with the harden zoo: BatchNorm at its running
+# statistics, GroupNorm, a ResNet block, flax's layers at their defaults, a
+# hand-written RMSNorm with eps, attention masked with jnp.where(mask, s, -1e9),
+# log(p + eps) losses and a Gaussian NLL with a softplus variance.
+CLEAN.update({f"shared: {n}": _shared_clean(n) for n in (
+    "cnn", "cnn_groupnorm", "resnet_block", "flax_defaults", "rmsnorm_by_hand",
+    "masked_attention", "log_prob_eps", "gaussian_nll")})
 
 
 def cli_std_pool():

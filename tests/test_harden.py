@@ -199,3 +199,34 @@ def test_pow_follows_safe_pow():
     g = jax.grad(f)(jnp.array([0.0, -4.0, 4.0]))
     np.testing.assert_allclose(g, [0.0, -0.25, 0.25])
     assert np.isnan(jnp.array(-4.0) ** 0.5)
+
+
+def test_rewritten_program_cached_by_signature():
+    """Eager calls trace and rewrite ``fn`` once per argument signature, then reuse it."""
+    traces = []
+
+    def fn(x, scale, *, mode="sum"):
+        traces.append(mode)
+        y = jnp.sqrt(x) * scale
+        return jnp.sum(y) if mode == "sum" else jnp.max(y)
+
+    h = harden(fn)
+    x = jnp.array([0.0, 4.0])
+    assert float(h(x, 2.0)) == 4.0
+    want = float(jnp.sum(jnp.sqrt(x + 1.0)) * 2.0)
+    assert float(h(x + 1.0, 2.0)) == want  # same avals and statics: reused, not stale
+    assert len(traces) == 1 and len(h._cache) == 1
+    h(jnp.ones(3), 2.0)  # a new shape
+    h(x, 3.0)  # a new static scale
+    assert float(h(x, 2.0, mode="max")) == 4.0  # a new static keyword
+    h(np.float32(1.0), 2.0)  # a numpy scalar is traced, its aval a new key
+    assert len(traces) == 5 and len(h._cache) == 5
+    h(x, 2.0, mode="max")
+    jax.grad(h)(x + 1.0, 2.0)  # under grad the tracers' avals match: reused
+    assert len(traces) == 5
+    # A closure over a tracer of the caller's trace is rewritten per call, never cached.
+    g = harden(lambda x, s=None: jnp.sum(jnp.sqrt(x) * s))
+    assert float(jax.jit(lambda s: g(x, s))(2.0)) == 4.0  # s is an argument: a tracer leaf
+    closure = jax.jit(lambda s: harden(lambda x: jnp.sum(jnp.sqrt(x) * s))(x))
+    assert float(closure(2.0)) == 4.0 and float(closure(3.0)) == 6.0
+    np.testing.assert_array_equal(jax.grad(h)(x, 2.0), jax.grad(harden(fn))(x, 2.0))

@@ -27,6 +27,7 @@ from stablejax._src.debug import intervals as iv
 from stablejax._src.debug import lint_rules as rules
 from stablejax._src.debug import nnx_names
 from stablejax._src.debug import phase as phase_labels
+from stablejax._src.debug.fresh_trace import fresh_trace
 from stablejax._src.debug.interpreter import CALL_PARAMS
 from stablejax._src.debug.risk import Risk, Risks
 from stablejax._src.debug.source import (
@@ -39,7 +40,6 @@ from stablejax._src.debug.source import (
     traceback_frames,
 )
 
-_FRESH_TRACE = jax.make_user_context(None)
 _CUSTOM = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})
 # Functions written safe on purpose whose safety interval arithmetic cannot see
 # (optax.safe_norm replaces x by ones where its norm is small).
@@ -123,6 +123,11 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
 
 
+def _is_running_variance(path: str) -> bool:
+    """A BatchNorm running variance (linen ``batch_stats/.../var``): non-negative."""
+    return "'batch_stats'" in path and path.endswith("['var']")
+
+
 def _lint(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Risks:
     leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
     dyn = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
@@ -140,7 +145,7 @@ def _lint(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Risks:
         with (
             nnx_names.nnx_module_names(),
             nnx_names.collect_roots(roots),
-            _FRESH_TRACE("stablejax.debug.lint"),
+            fresh_trace("stablejax.debug.lint"),
         ):
             closed = jax.make_jaxpr(flat_fn)(*specs)
     except Exception as e:
@@ -151,6 +156,11 @@ def _lint(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Risks:
         ) from e
     linter = _Linter(frozenset(roots))
     in_avs = [iv.top(v.aval.dtype) for v in closed.jaxpr.invars]
+    paths = [jax.tree_util.keystr(p)
+             for p, _ in jax.tree_util.tree_flatten_with_path((args, kwargs))[0]]
+    for k, i in enumerate(dyn):
+        if _is_running_variance(paths[i]) and k < len(in_avs):
+            in_avs[k] = in_avs[k].replace(lo=0.0)
     linter.run(closed, in_avs)
     return linter.risks()
 

@@ -13,16 +13,14 @@ import numpy as np
 
 from stablejax._src.debug import nnx_names, search, shards
 from stablejax._src.debug.diagnose import diagnose
+from stablejax._src.debug.fresh_trace import fresh_trace
 from stablejax._src.debug.history import History, parse_history
 from stablejax._src.debug.interpreter import CALL_PARAMS, INTENTIONAL, Walker
 from stablejax._src.debug.report import Report
 from stablejax._src.debug.source import Frame, is_user_file, module_path
 from stablejax._src.debug.values import Origin, is_float, nonfinite_kind
 
-# Part of jax's tracing-cache key: tracing under a value of our own makes
-# `jax.jit`/`nnx.jit` functions that already ran re-trace, so NNX module names
-# are stamped even on steps compiled before locate was called.
-_FRESH_TRACE = jax.make_user_context(None)
+_FRESH_TRACE = fresh_trace  # jit-compiled steps re-trace, so NNX module names are stamped
 
 
 class LocateTraceError(TypeError):

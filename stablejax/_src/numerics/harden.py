@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -59,6 +59,27 @@ def _match(value: Any, aval: Any) -> Any:
     return lax_internal._convert_element_type(value, aval.dtype, weak_type=aval.weak_type)
 
 
+_FOLD = frozenset({"convert_element_type", "add", "sub", "mul", "div", "neg", "max", "min",
+                   "integer_pow", "square", "abs"})
+
+
+def _fold(eqn: Any, known: Sequence[Any]) -> Any:
+    """The value of a scalar equation whose operands are all known at trace time, else None.
+
+    ``jnp.var`` divides by ``n - ddof`` computed from a literal ``ddof``: a
+    divisor known to be non-zero keeps the plain ``div``.
+    """
+    if (eqn.primitive.name not in _FOLD or not known or any(k is None for k in known)
+            or len(eqn.outvars) != 1 or getattr(eqn.outvars[0].aval, "shape", None) != ()):
+        return None
+    try:
+        with jax.ensure_compile_time_eval():
+            out = bind_equation(eqn, [np.asarray(k) for k in known])[0]
+        return np.asarray(out)
+    except Exception:  # an operand jax will not evaluate eagerly: no fact
+        return None
+
+
 def _needs_facts(eqn: Any) -> bool:
     """Constants' facts are worth reading only where a rule or a fact can use them."""
     return eqn.primitive.name not in ("dot_general", "conv_general_dilated")
@@ -69,6 +90,8 @@ class _Evaluator:
 
     def __init__(self) -> None:
         self._const_facts: dict[int, int] = {}
+        self.out_facts: list[int] = []
+        self.sub_facts: list[int] | None = None
 
     def _fact_of_value(self, value: Any) -> int:
         key = id(value)
@@ -77,8 +100,10 @@ class _Evaluator:
         return self._const_facts[key]
 
     def eval(self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any],
-             arg_facts: Sequence[int] | None = None, name_stack: Any = None) -> list:
+             arg_facts: Sequence[int] | None = None, name_stack: Any = None,
+             arg_known: Sequence[Any] | None = None) -> list:
         env: dict[Any, Any] = {}
+        known: dict[Any, Any] = {}  # scalars whose value is known at trace time (ddof, counts)
         facts: dict[Any, int] = {}
         tags: dict[Any, Any] = {}
         lazy: dict[Any, Any] = {}  # constants: their facts are computed when a rule asks
@@ -89,6 +114,15 @@ class _Evaluator:
         for v, a, f in zip(jaxpr.invars, args, arg_facts):
             env[v] = a
             facts[v] = f
+        for v, k in zip(jaxpr.invars, arg_known or ()):
+            if k is not None:
+                known[v] = k
+                facts[v] = rules.constant_fact(k)
+
+        def known_of(v):
+            if isinstance(v, jcore.Literal):
+                return v.val if np.ndim(v.val) == 0 else None
+            return known.get(v)
 
         def read(v):
             return v.val if isinstance(v, jcore.Literal) else env[v]
@@ -106,9 +140,12 @@ class _Evaluator:
             stack = eqn.source_info.name_stack
             if name_stack is not None:
                 stack = name_stack + stack
+            self.sub_facts = None  # a jit body's output facts, when the handler knows them
             with source_info_util.user_context(eqn.source_info.traceback, name_stack=stack), \
                     eqn.ctx.manager:
-                outs = self._eqn(eqn, invals, in_facts, stack)
+                outs = self._eqn(eqn, invals, in_facts, stack, [known_of(v) for v in eqn.invars])
+            sub = self.sub_facts if eqn.primitive.name in ("jit", "pjit") else None
+            folded = _fold(eqn, [known_of(v) for v in eqn.invars])
             same = len(eqn.invars) == 2 and eqn.invars[0] is eqn.invars[1]
             out_fact = rules.propagate(eqn.primitive.name, eqn.params, in_facts, same)
             out_fact |= rules.shift_fact(eqn.primitive.name, eqn.params, eqn.invars, tags)
@@ -119,12 +156,18 @@ class _Evaluator:
                 if isinstance(v, jcore.DropVar):
                     continue
                 env[v] = _match(o, v.aval)
-                facts[v] = out_fact if i == 0 else 0
+                facts[v] = (out_fact if i == 0 else 0) | (sub[i] if sub else 0)
+            if folded is not None:
+                known[eqn.outvars[0]] = folded
+                facts[eqn.outvars[0]] = rules.constant_fact(folded)
+        self.out_facts = [fact(v) for v in jaxpr.outvars]
         return [read(v) for v in jaxpr.outvars]
 
-    def _eqn(self, eqn: Any, invals: list, in_facts: list, stack: Any) -> list:
+    def _eqn(self, eqn: Any, invals: list, in_facts: list, stack: Any, in_known: list) -> list:
         name = eqn.primitive.name
         p = eqn.params
+        if name in ("jit", "pjit") and "jaxpr" in p:
+            return self._jit(eqn, invals, in_facts, stack, in_known)
         if name in _INLINE and _INLINE[name] in p:
             jaxpr, consts = _closed(p[_INLINE[name]])
             return self.eval(jaxpr, consts, invals, in_facts, stack)
@@ -137,22 +180,36 @@ class _Evaluator:
         if name in _REMAT and "jaxpr" in p:
             return self._remat(eqn, invals, in_facts, stack)
         if rules.applies(name, [v.aval for v in eqn.outvars]):
-            out = rules.RULES[name](p, invals, in_facts)
+            def prim(*args):
+                return bind_equation(eqn, args)[0]
+
+            out = rules.RULES[name](prim, p, invals, in_facts)
             if out is not None:
                 return [out]
         return bind_equation(eqn, invals)
 
     # -- control flow ---------------------------------------------------------------
 
-    def _body(self, closed: Any, facts: Sequence[int], stack: Any) -> Callable:
+    def _body(self, closed: Any, facts: Sequence[int], stack: Any,
+              known: Sequence[Any] | None = None) -> Callable:
         jaxpr, consts = _closed(closed)
 
         def run(*args):
             outs = self.eval(jaxpr, consts, args, list(facts) + [0] * (len(args) - len(facts)),
-                             stack)
+                             stack, known)
+            run.out_facts = self.out_facts
             return [_match(o, v.aval) for o, v in zip(outs, jaxpr.outvars)]
 
         return run
+
+    def _jit(self, eqn, invals, in_facts, stack, in_known):
+        p = eqn.params
+        body = self._body(p["jaxpr"], in_facts, stack, in_known)
+        body.__name__ = body.__qualname__ = p.get("name", "jit")
+        fn = jax.jit(body, keep_unused=p.get("keep_unused", False), inline=p.get("inline", False))
+        outs = list(fn(*invals))
+        self.sub_facts = getattr(body, "out_facts", None)  # set while jax.jit traced the body
+        return outs
 
     def _scan(self, eqn, invals, in_facts, stack):
         p = eqn.params
@@ -226,24 +283,28 @@ class _Node:
         self.leaves, self.treedef = jax.tree.flatten(state)
 
 
-def _call(fn: Callable, args: tuple, kwargs: dict) -> Any:
-    from flax import nnx
+class _Traced(NamedTuple):
+    """The rewritten program of one argument signature, and how to rebuild the outputs."""
 
-    leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=_is_graph_node)
-    slots: list[tuple[str, Any]] = []
-    dynamic: list[Any] = []
-    nodes: list[_Node] = []
-    for leaf in leaves:
-        if _is_graph_node(leaf):
-            node = _Node(leaf)
-            slots.append(("node", (len(nodes), len(dynamic), len(node.leaves))))
-            nodes.append(node)
-            dynamic.extend(node.leaves)
-        elif _is_dynamic(leaf):
-            slots.append(("array", len(dynamic)))
-            dynamic.append(leaf)
-        else:
-            slots.append(("static", leaf))
+    jaxpr: Any  # ClosedJaxpr of the rewritten program, flat dynamic leaves in and out
+    out_tree: Any
+    out_static: list
+
+
+_CACHE_SIZE = 64
+
+
+def _signature(treedef: Any, slots: list, nodes: list, dynamic: list) -> Any:
+    """The cache key: tree structure, static leaves, NNX graph definitions, avals."""
+    static = tuple((type(info), info) for kind, info in slots if kind == "static")
+    key = (treedef, static, tuple(n.graphdef for n in nodes),
+           tuple(jax.typeof(x) for x in dynamic))
+    hash(key)  # TypeError for an unhashable static argument: not cached
+    return key
+
+
+def _trace(fn: Callable, treedef: Any, slots: list, nodes: list, dynamic: list) -> _Traced:
+    from flax import nnx
 
     def pure(dyn):
         rebuilt, merged = [], []
@@ -266,12 +327,48 @@ def _call(fn: Callable, args: tuple, kwargs: dict) -> Any:
     out_tree: list[Any] = [None]
     out_static: list[Any] = []
     closed = jax.make_jaxpr(pure)(dynamic)
-    # make_jaxpr records name stacks relative to its entry: put the caller's in front
-    # (a linen scope or a jax.named_scope around the call), as the plain call has it.
-    flat = iter(_Evaluator().eval(closed.jaxpr, closed.consts, jax.tree.leaves(dynamic),
-                                  name_stack=source_info_util.current_name_stack()))
-    leaves_out = [next(flat) if st is None else st[0] for st in out_static]
-    out, states = jax.tree.unflatten(out_tree[0], leaves_out)
+    rewritten = jax.make_jaxpr(
+        lambda dyn: _Evaluator().eval(closed.jaxpr, closed.consts, dyn))(list(dynamic))
+    return _Traced(rewritten, out_tree[0], out_static)
+
+
+def _call(fn: Callable, args: tuple, kwargs: dict, cache: dict) -> Any:
+    from flax import nnx
+
+    leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=_is_graph_node)
+    slots: list[tuple[str, Any]] = []
+    dynamic: list[Any] = []
+    nodes: list[_Node] = []
+    for leaf in leaves:
+        if _is_graph_node(leaf):
+            node = _Node(leaf)
+            slots.append(("node", (len(nodes), len(dynamic), len(node.leaves))))
+            nodes.append(node)
+            dynamic.extend(node.leaves)
+        elif _is_dynamic(leaf):
+            slots.append(("array", len(dynamic)))
+            dynamic.append(leaf)
+        else:
+            slots.append(("static", leaf))
+
+    try:
+        key = _signature(treedef, slots, nodes, dynamic)
+    except TypeError:
+        key = None
+    traced = cache.get(key) if key is not None else None
+    if traced is None:
+        traced = _trace(fn, treedef, slots, nodes, dynamic)
+        # A program that closes over a tracer of the caller's trace is not reusable.
+        if key is not None and not any(isinstance(c, jax.core.Tracer)
+                                       for c in traced.jaxpr.consts):
+            if len(cache) >= _CACHE_SIZE:
+                cache.pop(next(iter(cache)))
+            cache[key] = traced
+    # eval_jaxpr puts the caller's name stack (a linen scope, a jax.named_scope) in
+    # front of the recorded ones, as the plain call has it.
+    flat = iter(jax.core.eval_jaxpr(traced.jaxpr.jaxpr, traced.jaxpr.consts, *dynamic))
+    leaves_out = [next(flat) if st is None else st[0] for st in traced.out_static]
+    out, states = jax.tree.unflatten(traced.out_tree, leaves_out)
     for node, state in zip(nodes, states):
         nnx.update(node.module, state)
     return out
@@ -333,8 +430,12 @@ def harden(fn: Callable) -> Callable:
             "not harden(loss(x))."
         )
 
+    cache: dict[Any, _Traced] = {}
+
     @functools.wraps(fn)
     def hardened(*args: Any, **kwargs: Any) -> Any:
-        return _call(fn, args, kwargs)
+        return _call(fn, args, kwargs, cache)
+
+    hardened._cache = cache  # the rewritten programs by argument signature (tests read it)
 
     return hardened
