@@ -1,23 +1,14 @@
-r"""Finiteness codes on device, cheaply: packed reductions and a run-once compile.
+r"""Finiteness codes on device, cheaply: one packed reduction per run of leaves.
 
 The compiled pass of ``locate`` (:mod:`compiled`) needs, per flagged value
 :math:`x`, a code: 1 if :math:`x` holds a NaN or an Inf, 0 if it is finite (the
 host's replay of the taint rules needs no more; the kind is measured eagerly on
-the chosen region). Computing one reduction per value makes XLA compile one
-kernel per value, thousands on a 12-layer transformer: the flagged program then
-compiled ~3x slower than the plain step. (``jnp.max(jnp.abs(x))``, the code
-used before, also misses NaN on CPU: see :func:`element_codes`.) Two things make the pass cheap:
-
-* :func:`packed_codes` turns every value into a non-finite mask,
-  cuts them into rows of ``ROW`` and reduces the rows of all values of a run
-  of leaves together in one fused reduction; the host (:func:`decode`) takes
-  the max over each value's rows. On the 4-layer bench transformer (867 flagged values) the
-  flagged program's compile went from 6.7 to 3.5 CPU-seconds.
-* :func:`compile_once` compiles a program that runs once with XLA's cheaper
-  CPU options (:data:`CPU_RUN_ONCE_OPTIONS`), which compile ~30% faster; a
-  slower single run does not matter. Other backends keep their default
-  options (the options are CPU ones; GPU/TPU compiles are dominated by other
-  passes).
+the chosen region). One reduction per value makes XLA compile one kernel per
+value, thousands on a 12-layer transformer. :func:`packed_codes` turns every
+value into a non-finite mask, cuts the masks into rows of ``ROW`` and reduces
+the rows of all values of a run of leaves together in one fused reduction; the
+host (:func:`decode`) takes the ``any`` over each value's rows. (``max |x|``,
+the code used before, also misses NaN on CPU: see :func:`nonfinite`.)
 """
 
 from __future__ import annotations
@@ -28,14 +19,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-# XLA options for a program that runs once on CPU: LLVM's optimization level 0 and
-# XLA's classic (not MLIR) fusion emitters, both quicker to compile.
-CPU_RUN_ONCE_OPTIONS: dict[str, Any] = {
-    "xla_backend_optimization_level": 0,
-    "xla_cpu_use_fusion_emitters": False,
-}
-
 
 ROW = 256  # elements per partial code in packed_codes
 
@@ -89,26 +72,13 @@ def decode(partials: Any, where: Sequence[tuple[int, int]]) -> list[int]:
     return [int(host[lo:hi].any()) for lo, hi in where]
 
 
-def _on_cpu(args: Sequence[Any]) -> bool:
-    for leaf in jax.tree_util.tree_leaves(args):
-        if isinstance(leaf, jax.Array):
-            try:
-                return all(d.platform == "cpu" for d in leaf.devices())
-            except Exception:  # a tracer or a deleted array: ask the default backend
-                break
-    return jax.default_backend() == "cpu"
-
-
 def compile_once(fn: Callable[..., Any], *args: Any) -> Callable[..., Any]:
-    """``fn`` compiled for ``args`` with options for a program that runs once or twice.
+    """``fn`` lowered and compiled for ``args`` with XLA's default options.
 
-    On CPU, :data:`CPU_RUN_ONCE_OPTIONS`; elsewhere, or if this XLA does not know
-    an option, the default options.
+    Cheaper CPU options for a program that runs once were measured and rejected:
+    ``xla_backend_optimization_level=0`` compiles the 12-layer d 768 bench step's
+    flagged program no faster (16-19 CPU-s either way) but runs it 3x slower
+    (14.5 s instead of 5.1 s), and XLA's classic fusion emitters alone made the
+    d 512 one compile in 56 CPU-s instead of 21.
     """
-    lowered = jax.jit(fn).lower(*args)
-    if _on_cpu(args):
-        try:
-            return lowered.compile(compiler_options=CPU_RUN_ONCE_OPTIONS)
-        except Exception:  # an XLA without the option: compile as jit would
-            pass
-    return lowered.compile()
+    return jax.jit(fn).lower(*args).compile()

@@ -274,8 +274,7 @@ def flag_values(
     The code is 1 if the value holds a NaN or an Inf, else 0. Only the values
     a block passes on are flagged: what XLA materializes anyway, so fusion inside
     a block is kept. The values of each run of ``BLOCK`` leaves are reduced
-    together in one fused reduction (:func:`codes.packed_codes`),
-    and the program is compiled as one that runs once (:func:`codes.compile_once`).
+    together in one fused reduction (:func:`codes.packed_codes`).
     """
     wanted = set(ids)
     const_ids = sorted(prog.consts)
