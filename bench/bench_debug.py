@@ -14,7 +14,8 @@ Run: ``python bench/bench_debug.py [--layers 4 --d 256 --seq 128 --batch 4]``.
 
 ``--cold [--cold-reps N]`` measures instead, each in a fresh process (cold
 caches), interleaved, medians: the wall time and the extra peak resident memory
-of (compile + one step) of the plain jitted step, of ``locate`` on it, and of
+(and the process's CPU time, steadier on a loaded machine) of (compile + one
+step) of the plain jitted step, of ``locate`` on it, and of
 ``jax_debug_nans`` until it raises, on the NaN step
 (``--out bench/results/debug_cold_<layers>x<d>.json``).
 """
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -121,6 +123,7 @@ def child(a) -> dict:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident set
     base = _rss_kb("VmRSS")
+    c0 = _cpu_s()
     t0 = time.perf_counter()
     says = None
     if a.child == "plain":
@@ -136,10 +139,17 @@ def child(a) -> dict:
         except FloatingPointError as e:
             says = str(e).splitlines()[0]
     wall = time.perf_counter() - t0
+    cpu = _cpu_s() - c0
     peak = _rss_kb("VmHWM")
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    return {"mode": a.child, "wall_s": wall, "extra_peak_mb": (peak - base) / 1024,
+    return {"mode": a.child, "wall_s": wall, "cpu_s": cpu, "extra_peak_mb": (peak - base) / 1024,
             "params": int(n_params), "says": says}
+
+
+def _cpu_s() -> float:
+    # user + system CPU time of this process: steadier than wall time on a loaded machine
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _nan_params(params, layers):
@@ -164,32 +174,38 @@ def cold(a) -> None:
             out = subprocess.run(cmd, capture_output=True, text=True, check=True,
                                  env=dict(os.environ, JAX_PLATFORMS="cpu"))
             runs[m].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    med = {m: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "extra_peak_mb")}
+    med = {m: {k: statistics.median(r[k] for r in rs)
+               for k in ("wall_s", "cpu_s", "extra_peak_mb")}
            for m, rs in runs.items()}
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "jax": jax.__version__, "config": vars(a), "params": runs["plain"][0]["params"],
         "median": med, "runs": runs,
+        "load_average": os.getloadavg(),
         "locate_time_ratio": med["locate"]["wall_s"] / med["plain"]["wall_s"],
+        "locate_cpu_ratio": med["locate"]["cpu_s"] / med["plain"]["cpu_s"],
         "locate_memory_ratio": med["locate"]["extra_peak_mb"] / med["plain"]["extra_peak_mb"],
         "locate_says": runs["locate"][-1]["says"],
     }
     if "debug_nans" in med:
         result["locate_vs_debug_nans"] = med["locate"]["wall_s"] / med["debug_nans"]["wall_s"]
+        result["locate_vs_debug_nans_cpu"] = med["locate"]["cpu_s"] / med["debug_nans"]["cpu_s"]
         result["debug_nans_says"] = runs["debug_nans"][-1]["says"]
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"{a.layers} layers, d={a.d}, {result['params'] / 1e6:.1f}M params, "
           f"seq={a.seq}, batch={a.batch}, {a.cold_reps} fresh processes per mode")
-    print("| cold, fresh process | wall s | extra peak RSS MB |")
-    print("|---|---|---|")
+    print(f"load average {result['load_average'][0]:.1f} at the end")
+    print("| cold, fresh process | wall s | CPU s | extra peak RSS MB |")
+    print("|---|---|---|---|")
     for m in modes:
-        print(f"| {m} | {med[m]['wall_s']:.2f} | {med[m]['extra_peak_mb']:.0f} |")
-    print(f"locate / plain: time {result['locate_time_ratio']:.2f}x, "
-          f"memory {result['locate_memory_ratio']:.2f}x"
-          + (f"; locate / debug_nans time {result['locate_vs_debug_nans']:.2f}x"
-             if "debug_nans" in med else ""))
+        print(f"| {m} | {med[m]['wall_s']:.2f} | {med[m]['cpu_s']:.2f} | "
+              f"{med[m]['extra_peak_mb']:.0f} |")
+    print(f"locate / plain: time {result['locate_time_ratio']:.2f}x (CPU "
+          f"{result['locate_cpu_ratio']:.2f}x), memory {result['locate_memory_ratio']:.2f}x"
+          + (f"; locate / debug_nans time {result['locate_vs_debug_nans']:.2f}x (CPU "
+             f"{result['locate_vs_debug_nans_cpu']:.2f}x)" if "debug_nans" in med else ""))
     print("locate says:", result["locate_says"])
 
 

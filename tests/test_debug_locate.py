@@ -591,3 +591,78 @@ def test_sigmoid_bce_and_f16_attention():
     r = locate(jax.jit(f16_attention))(q, q)
     check(r, primitive="dot_general", phase="forward", module=None, tag="f16attn",
           category="overflow_low_precision", kind="inf")
+
+
+# ---------------------------------------------------------------- bad inputs: who reads them
+
+
+class BatchReader(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(4)(x)  # L:badbatch
+        return nn.Dense(1)(jax.nn.relu(h)).sum()
+
+
+class Head(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(2, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.lin(x)  # L:badparam
+
+
+class TwoStage(nnx.Module):
+    def __init__(self, rngs):
+        self.pre = nnx.Linear(2, 2, rngs=rngs)
+        self.head = Head(rngs)
+
+    def __call__(self, x):
+        return self.head(self.pre(x)).sum()
+
+
+def scanned_scale(w, xs):
+    def body(c, x):
+        return c + jnp.sum(w * x), None  # L:badscan
+
+    return jax.lax.scan(body, 0.0, xs)[0]
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_bad_input_names_the_first_reader(jit):
+    m = BatchReader()
+    x = jnp.ones((3, 2))
+    p = m.init(jax.random.key(0), x)
+    r = locate(maybe_jit(lambda p, batch: m.apply(p, batch["x"]), jit))(
+        p, {"x": x.at[1, 0].set(jnp.nan)}
+    )
+    check(r, primitive=None, phase="forward", module="BatchReader/Dense_0", tag="badbatch",
+          category="bad_input", kind="nan")
+    assert (r.input_path, r.rows) == ("batch['x']", [1])
+
+    net = TwoStage(nnx.Rngs(0))
+    net.head.lin.kernel[...] = net.head.lin.kernel[...].at[0, 1].set(jnp.inf)
+    r = locate(nnx.jit(lambda n, x: n(x)) if jit else (lambda n, x: n(x)))(net, x)
+    check(r, primitive=None, phase="forward", module="head.lin", tag="badparam",
+          category="bad_input", kind="inf")
+    assert r.input_path.startswith("n.head.lin.kernel") and r.rows == [0]
+
+    r = locate(maybe_jit(scanned_scale, jit))(jnp.array([1.0, jnp.nan]), jnp.ones((3, 2)))
+    check(r, primitive=None, phase="forward", module=None, tag="badscan",
+          category="bad_input", kind="nan")
+
+
+def test_nan_trap_names_the_first_reader_of_a_bad_batch():
+    from stablejax.debug import nan_trap
+
+    m = BatchReader()
+    x = jnp.ones((3, 2))
+    p = m.init(jax.random.key(0), x)
+    step = jax.jit(lambda p, x: m.apply(p, x))
+    bad = x.at[2, 1].set(jnp.nan)
+    with pytest.raises(FloatingPointError) as info:
+        with nan_trap():
+            step(p, bad)
+    r = info.value.report
+    assert (r.category, r.module, r.source, r.rows) == (
+        "bad_input", "BatchReader/Dense_0", line("badbatch"), [2]
+    ), str(r)

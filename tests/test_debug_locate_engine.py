@@ -218,3 +218,26 @@ def test_no_root_name_leaks_between_calls():
     params = net.init(jax.random.key(0), x)
     r = locate(jax.grad(lambda x: net.apply(params, x)))(x)
     assert r.module == "Net/Pool_0", str(r)
+
+
+# ------------------------------------------------- flags of large values: NaN is not dropped
+
+
+def test_flags_see_a_nan_in_a_large_value():
+    # XLA's CPU reduce_max drops NaN from 4096 elements on (jnp.max of 8192 zeros and
+    # one NaN is 0.0): the flags are booleans, so a NaN-only value is still flagged.
+    from stablejax._src.debug import codes
+
+    for n in (3, 4096, 8192 + 5):
+        x = jnp.zeros(n).at[n // 2].set(jnp.nan)
+        partials, where = jax.jit(lambda x: codes.packed_codes([jnp.ones(7), x, x + jnp.inf]))(x)
+        assert codes.decode(partials, where) == [0, 1, 1], n
+
+    def wide_log(x, w):
+        return jnp.sum(w * jnp.log(x))  # L:widelog
+
+    x = jnp.ones(8192).at[4000].set(-1.0)  # log(-1) is NaN, never Inf
+    r = locate(jax.jit(wide_log))(x, jnp.ones(8192))
+    assert (r.primitive, r.kind, r.source, r.category, r.rows) == (
+        "log", "nan", line("widelog"), "forward_singularity", None
+    ), str(r)

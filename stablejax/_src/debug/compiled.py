@@ -9,9 +9,10 @@ equation. ``locate`` first runs this pass instead:
    equations in execution order, each with the site, phase and label the walker
    would give it. Control flow and mapped bodies (``scan``, ``while``,
    ``cond``, ``shard_map``, ``pmap``) stay whole: they are *regions*.
-2. :func:`flag_values` evaluates that list once under ``jax.jit`` and returns,
-   per floating output of every leaf, a code ``f`` (0 finite, 1 holds an Inf,
-   2 holds a NaN). One reduction per output; nothing else leaves the device.
+2. :func:`flag_values` evaluates that list once, compiled, and returns per
+   flagged floating value a code (1 holds a NaN or an Inf, 0 finite). The masks
+   of a run of leaves are reduced together in one fused reduction
+   (:mod:`codes`); only those small vectors leave the device.
 3. :func:`taint_walk` replays the walker's rules on the host from the codes
    alone: an origin is a leaf whose output is flagged while no input carries a
    taint; taints flow to outputs; the origins that reach an output are known.
@@ -29,12 +30,12 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax._src import source_info_util
 from jax.extend import core as jcore
 
+from stablejax._src.debug import codes
 from stablejax._src.debug import phase as phase_labels
 from stablejax._src.debug.source import scopes, traceback_frames
 from stablejax._src.debug.values import is_float
@@ -231,12 +232,6 @@ def _last_uses(prog: Program, upto: int) -> dict[int, int]:
     return last
 
 
-def _code(x: Any) -> Any:
-    # max |x| is NaN when x holds a NaN, Inf when it holds an Inf (and no NaN).
-    x = jnp.asarray(x)
-    return jnp.max(jnp.abs(x)).astype(jnp.float32) if x.size else jnp.float32(0)
-
-
 def blocks(prog: Program, size: int | None = None) -> list[range]:
     """Consecutive runs of at most ``size`` leaves: the unit the compiled pass flags.
 
@@ -276,18 +271,23 @@ def flag_values(
 ) -> dict[int, int]:
     """Runs the flattened program once, compiled; the code of each value of ``ids``.
 
-    The code is 0 (finite), 1 (holds an Inf) or 2 (holds a NaN). Only the values
+    The code is 1 if the value holds a NaN or an Inf, else 0. Only the values
     a block passes on are flagged: what XLA materializes anyway, so fusion inside
-    a block is kept.
+    a block is kept. The values of each run of ``BLOCK`` leaves are reduced
+    together in one fused reduction (:func:`codes.packed_codes`).
     """
     wanted = set(ids)
     const_ids = sorted(prog.consts)
+    layout: list[tuple[list[int], int, list[tuple[int, int]]]] = []
 
     def body(arg_vals, const_vals):
         env: dict[int, Any] = dict(enumerate(arg_vals))
         env.update(zip(const_ids, const_vals))
         last = _last_uses(prog, len(prog.leaves))
-        codes: dict[int, Any] = {}
+        partials: list[Any] = []
+        pending: list[tuple[int, Any]] = []
+        n = len(prog.leaves)
+        layout.clear()
         for k, leaf in enumerate(prog.leaves):
             vals = [i[1] if isinstance(i, tuple) else env[i] for i in leaf.ins]
             outs = _bind_leaf(leaf, vals, run_callbacks)
@@ -296,14 +296,23 @@ def flag_values(
                     continue
                 env[o] = val
                 if o in wanted:
-                    codes[o] = _code(val)
+                    pending.append((o, val))
+            if pending and ((k + 1) % BLOCK == 0 or k == n - 1):
+                got, where = codes.packed_codes([v for _, v in pending])
+                layout.append(([o for o, _ in pending], len(partials), where))
+                partials.append(got)
+                pending = []
             for i in leaf.ins:
                 if not isinstance(i, tuple) and last.get(i) == k and i >= prog.n_args:
                     env.pop(i, None)
-        return jnp.stack([codes[i] for i in ids]) if ids else jnp.zeros((0,), jnp.float32)
+        return partials
 
-    got = np.asarray(jax.jit(body)(list(args), [prog.consts[i] for i in const_ids]))
-    return {i: 2 if np.isnan(c) else int(np.isinf(c)) for i, c in zip(ids, got)}
+    call_args = (list(args), [prog.consts[i] for i in const_ids])
+    partials = codes.compile_once(body, *call_args)(*call_args)
+    found: dict[int, int] = {}
+    for value_ids, j, where in layout:
+        found.update(zip(value_ids, codes.decode(partials[j], where)))
+    return {i: found[i] for i in ids}
 
 
 def values_of(
@@ -333,15 +342,8 @@ def values_of(
                     env[o] = val
         return [env[i] for i in made]
 
-    out = (
-        dict(
-            zip(
-                made, jax.jit(body)([args[i] for i in arg_ids], [prog.consts[i] for i in const_ids])
-            )
-        )
-        if made
-        else {}
-    )
+    call_args = ([args[i] for i in arg_ids], [prog.consts[i] for i in const_ids])
+    out = dict(zip(made, codes.compile_once(body, *call_args)(*call_args))) if made else {}
     for i in ids:
         if i < prog.n_args:
             out[i] = args[i]

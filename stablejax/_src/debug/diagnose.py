@@ -88,6 +88,11 @@ def in_loss(
     return named and _loss_construct(origin.forward_op or origin.primitive, origin, context)
 
 
+# A log's argument that reads as a probability: ``exp(``, a sigmoid, ``1 - p``, or a
+# variable named ``p`` (not any word that ends in p, such as ``jnp``).
+_PROB_TEXT = re.compile(r"sigmoid|softmax|logistic|prob|exp2?\(|gather|1-|(?<![\w.])p\b")
+
+
 def _loss_construct(op: str | None, origin: Origin, context: str) -> bool:
     """Whether the op at the culprit line is a loss's own: log of a probability,
     the sqrt of a square (MAE/RMSE), a division by a count or a sum of weights.
@@ -99,7 +104,7 @@ def _loss_construct(op: str | None, origin: Origin, context: str) -> bool:
     if op in _LOG_OPS:
         if _producer(origin, 0) is None and "sigmoid" not in text and "softmax" not in text:
             return False
-        return bool(re.search(r"sigmoid|softmax|logistic|prob|exp2?\(|gather|1-|(?<![\w.])p\b", text))
+        return bool(_PROB_TEXT.search(text))
     if op in _ROOT_OPS:
         return bool(re.search(r"\*\*2|square|abs\(|integer_pow|\(pred|-y\)|err", text))
     if op == "div":

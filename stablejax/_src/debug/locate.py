@@ -11,13 +11,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from stablejax._src.debug import nnx_names, search, shards
+from stablejax._src.debug import compiled, nnx_names, search, shards
 from stablejax._src.debug.diagnose import diagnose
 from stablejax._src.debug.fresh_trace import fresh_trace
 from stablejax._src.debug.history import History, parse_history
 from stablejax._src.debug.interpreter import CALL_PARAMS, INTENTIONAL, Walker
 from stablejax._src.debug.report import Report
-from stablejax._src.debug.source import Frame, is_user_file, module_path
+from stablejax._src.debug.source import Frame, is_user_file, module_path, scopes
 from stablejax._src.debug.values import Origin, is_float, nonfinite_kind
 
 _FRESH_TRACE = fresh_trace  # jit-compiled steps re-trace, so NNX module names are stamped
@@ -236,6 +236,10 @@ def _locate(
         origin = walker.origins[walker.reached[0]] if reaches else walker.origins[0]
         scoped = walker.scoped or any(o.scopes for o in walker.origins)
         found = search.Found(origin, reaches, len(walker.origins), scoped, walker)
+        if origin.primitive is None and origin.leaf is not None:
+            found.consumer = search.first_consumer(
+                compiled.flatten(Walker(), closed, CALL_PARAMS, Walker.root_site()), origin.leaf
+            )
     return _report(found, leaves, dyn, paths, origin_leaf, hist, roots)
 
 
@@ -293,11 +297,15 @@ def _report(
         bad_int = _int_input(origin, leaves, dyn, paths)
         if bad_int is not None:
             input_path, rows, int_info = bad_int
-    user = [f for f in origin.frames if is_user_file(f.file)]
+    frames, scope_names = origin.frames, origin.scopes
+    if origin.primitive is None and found.consumer is not None:
+        # A bad argument: the user's line and the module that first read it.
+        frames, scope_names = found.consumer[0], tuple(scopes(found.consumer[1]))
+    user = [f for f in frames if is_user_file(f.file)]
     func = user[0].function if user else None
     line_text = linecache.getline(user[0].file, user[0].line) if user else ""
-    module = module_path(origin.scopes, frozenset(roots))
-    scoped = found.scoped or bool(origin.scopes)
+    module = module_path(scope_names, frozenset(roots))
+    scoped = found.scoped or bool(scope_names)
     d = diagnose(
         origin,
         module=module,

@@ -1,7 +1,7 @@
 """From the compiled flags to the origin: the walker's rules replayed on the host.
 
-:mod:`compiled` gives a code per floating output of every equation (finite,
-holds an Inf, holds a NaN). :func:`search` replays the taint rules of
+:mod:`compiled` gives a code per floating value a block passes on (finite, or
+holds a NaN or an Inf). :func:`search` replays the taint rules of
 :class:`~stablejax._src.debug.interpreter.Walker` on those codes alone (no
 values): the origins in execution order, the ones whose taint reaches an
 output, and the chosen one, the first that reaches an output (the first of
@@ -29,7 +29,7 @@ from stablejax._src.debug.source import traceback_frames
 from stablejax._src.debug.values import Origin, is_float, nonfinite_kind
 
 FALLBACK = "fallback"
-_KINDS = {0: None, 1: "inf", 2: "nan"}
+_KINDS = {0: None, 1: "nonfinite"}
 _MAX_WALKS = 4  # blocks walked before giving up on the compiled pass
 
 
@@ -42,6 +42,8 @@ class Found:
     origins: int
     scoped: bool
     walker: Walker
+    # For a bad argument or constant: (frames, name stack) of its first consumer.
+    consumer: tuple[tuple[Any, ...], Any] | None = None
 
 
 def _lit_taint(val: Any) -> int | None:
@@ -181,6 +183,75 @@ def _remember_upto(walker: Walker, prog: compiled.Program, upto: int) -> None:
             _remember_inner(walker, leaf.eqn, leaf.site, leaf.out_flags, leaf.in_grad)
 
 
+def _value_id(prog: compiled.Program, origin: Origin) -> int | None:
+    """The value id of a bad argument (its flat index) or of a captured constant."""
+    if origin.leaf is not None:
+        return origin.leaf
+    return next((i for i, t in prog.const_taint.items() if t == origin.index), None)
+
+
+def first_consumer(
+    prog: compiled.Program, value_id: int | None
+) -> tuple[tuple[Any, ...], Any] | None:
+    """Frames and name stack of the first equation, in execution order, reading a value.
+
+    Descends into ``scan``/``while`` bodies and other regions whose operands map one
+    to one onto the body's inputs, so a bad parameter consumed inside a scanned
+    layer names that layer's line and module. ``None`` if nothing reads it.
+    """
+    if value_id is None:
+        return None
+    for leaf in prog.leaves:
+        pos = [p for p, i in enumerate(leaf.ins) if not isinstance(i, tuple) and i == value_id]
+        if pos:
+            return _consumer_inside(leaf.eqn, pos, leaf.site.frames, leaf.site.name_stack)
+    return None
+
+
+def _bodies(eqn: Any, pos: list[int]) -> list[tuple[Any, list[int]]]:
+    """The sub-jaxprs of a region and where the operands ``pos`` enter each."""
+    p = eqn.params
+    name = eqn.primitive.name
+    if name == "while":
+        nc, nb = p["cond_nconsts"], p["body_nconsts"]
+        cond = [q if q < nc else q - nb for q in pos if q < nc or q >= nc + nb]
+        body = [q - nc for q in pos if q >= nc]
+        return [(p["cond_jaxpr"], cond), (p["body_jaxpr"], body)]
+    if name == "cond":  # which branch runs is data: the cond's own line answers
+        return []
+    subs = [
+        sub
+        for v in p.values()
+        for sub in (v if isinstance(v, (tuple, list)) else (v,))
+        if hasattr(compiled._sub_jaxpr(sub)[0], "eqns")
+    ]
+    if len(subs) == 1 and len(compiled._sub_jaxpr(subs[0])[0].invars) == len(eqn.invars):
+        return [(subs[0], pos)]
+    return []
+
+
+def _consumer_inside(
+    eqn: Any, pos: list[int], frames: tuple[Any, ...], name_stack: Any
+) -> tuple[tuple[Any, ...], Any]:
+    for sub, sub_pos in _bodies(eqn, pos):
+        jaxpr, _ = compiled._sub_jaxpr(sub)
+        wanted = {jaxpr.invars[q] for q in sub_pos}
+        for inner in jaxpr.eqns:
+            hit = [
+                q
+                for q, v in enumerate(inner.invars)
+                if not isinstance(v, jcore.Literal) and v in wanted
+            ]
+            if hit:
+                return _consumer_inside(
+                    inner,
+                    hit,
+                    traceback_frames(inner.source_info.traceback) + frames,
+                    name_stack + inner.source_info.name_stack,
+                )
+    return frames, name_stack
+
+
 def search(
     closed: Any,
     args: Sequence[Any],
@@ -210,7 +281,15 @@ def search(
             return FALLBACK
         first = cands[reached[0]] if reached else cands[0]
         if not isinstance(first, tuple):  # an argument or a constant came in bad
-            return Found(walker.origins[first], bool(reached), len(cands), prog.scoped, walker)
+            origin = walker.origins[first]
+            return Found(
+                origin,
+                bool(reached),
+                len(cands),
+                prog.scoped,
+                walker,
+                first_consumer(prog, _value_id(prog, origin)),
+            )
         span = spans[first[1]]
         made = {o for k in span for o in prog.leaves[k].outs if o is not None}
         needed = sorted(
