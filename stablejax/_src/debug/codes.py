@@ -50,20 +50,44 @@ def packed_codes(vals: Sequence[Any]) -> tuple[jax.Array, list[tuple[int, int]]]
       ``(partials, where)``: a ``bool`` vector, and per value
       ``(first_row, end_row)`` into it.
     """
-    rows: list[Any] = []
-    where: list[tuple[int, int]] = []
-    total = 0
+    groups: dict[str, list[Any]] = {}  # sharding type -> rows, concatenated together
+    local: list[tuple[str, int, int]] = []
     for v in vals:
         c = nonfinite(v).ravel()
         n = -(-c.size // ROW)
+        key = ""
         if n:
             c = jnp.pad(c, (0, n * ROW - c.size)) if c.size % ROW else c
-            rows.append(c.reshape(n, ROW))
-        where.append((total, total + n))
-        total += n
-    if not rows:
-        return jnp.zeros((0,), bool), where
-    return jnp.any(jnp.concatenate(rows) if len(rows) > 1 else rows[0], axis=1), where
+            c = c.reshape(n, ROW)
+            key = _sharding_key(c)
+            group = groups.setdefault(key, [])
+            lo = sum(r.shape[0] for r in group)
+            group.append(c)
+            local.append((key, lo, lo + n))
+        else:
+            local.append((key, 0, 0))
+    if not groups:
+        return jnp.zeros((0,), bool), [(0, 0) for _ in local]
+    base, parts = {}, []
+    for key, group in groups.items():
+        base[key] = sum(p.shape[0] for p in parts)
+        parts.append(jnp.any(jnp.concatenate(group) if len(group) > 1 else group[0], axis=1))
+    where = [(base.get(k, 0) + lo, base.get(k, 0) + hi) for k, lo, hi in local]
+    return jnp.concatenate(parts) if len(parts) > 1 else parts[0], where
+
+
+def _sharding_key(rows: Any) -> str:
+    """The explicit sharding of a traced value's type, ``''`` for none.
+
+    Under an Explicit mesh (``jax.make_mesh`` with ``jax.set_mesh``) values carry
+    their sharding in their type and ``concatenate`` refuses to mix them, so rows
+    are concatenated per type and only the reduced (unsharded) vectors together.
+    """
+    try:
+        spec = jax.typeof(rows).sharding.spec
+    except (AttributeError, TypeError):
+        return ""
+    return str(spec) if any(s is not None for s in spec) else ""
 
 
 def decode(partials: Any, where: Sequence[tuple[int, int]]) -> list[int]:
