@@ -13,6 +13,7 @@ first ``warmup`` rounds are not recorded.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -54,6 +55,16 @@ def arguments(description: str, argv: list[str] | None, *, rounds: int, steps: i
     if args.quick:
         args.rounds, args.steps, args.warmup = quick[0], quick[1], 0
     return args
+
+
+def save(result: dict, args: argparse.Namespace) -> None:
+    """Writes ``result`` as JSON to ``--out``, except for a ``--quick`` run."""
+    if args.quick:
+        return
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
 
 
 def workload() -> tuple[dict, dict]:

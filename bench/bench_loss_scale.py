@@ -23,7 +23,6 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -34,7 +33,7 @@ import jax
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.abba import arguments, interleave, prepare, quantile, workload  # noqa: E402
+from bench.abba import arguments, interleave, prepare, quantile, save, workload  # noqa: E402
 from stablejax import optim  # noqa: E402
 
 
@@ -118,11 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['wrapped_ms']:.2f} | {r['ratio']:.3f} [{r['ratio_q25']:.3f}, "
               f"{r['ratio_q75']:.3f}] | {r['inner_reads_writes']} -> "
               f"{r['wrapped_reads_writes']} |")
-    if not args.quick:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {out}")
+    save(result, args)
     return result
 
 

@@ -32,7 +32,6 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -43,7 +42,7 @@ import jax
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.abba import arguments, interleave, prepare, quantile, workload  # noqa: E402
+from bench.abba import arguments, interleave, prepare, quantile, save, workload  # noqa: E402
 from stablejax import optim  # noqa: E402
 
 
@@ -146,11 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"({r['hlo_ratio']:.2f}x) | {r['big_reads']} / {r['big_writes']} / "
             f"{r['big_copies']} |"
         )
-    if not args.quick:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {out}")
+    save(result, args)
     return result
 
 
