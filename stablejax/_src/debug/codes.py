@@ -51,26 +51,26 @@ def packed_codes(vals: Sequence[Any]) -> tuple[jax.Array, list[tuple[int, int]]]
       ``(first_row, end_row)`` into it.
     """
     groups: dict[str, list[Any]] = {}  # sharding type -> rows, concatenated together
+    counts: dict[str, int] = {}  # rows so far in each group
     local: list[tuple[str, int, int]] = []
     for v in vals:
         c = nonfinite(v).ravel()
         n = -(-c.size // ROW)
-        key = ""
-        if n:
-            c = jnp.pad(c, (0, n * ROW - c.size)) if c.size % ROW else c
-            c = c.reshape(n, ROW)
-            key = _sharding_key(c)
-            group = groups.setdefault(key, [])
-            lo = sum(r.shape[0] for r in group)
-            group.append(c)
-            local.append((key, lo, lo + n))
-        else:
-            local.append((key, 0, 0))
+        if not n:
+            local.append(("", 0, 0))
+            continue
+        c = jnp.pad(c, (0, n * ROW - c.size)) if c.size % ROW else c
+        c = c.reshape(n, ROW)
+        key = _sharding_key(c)
+        lo = counts.get(key, 0)
+        groups.setdefault(key, []).append(c)
+        counts[key] = lo + n
+        local.append((key, lo, lo + n))
     if not groups:
         return jnp.zeros((0,), bool), [(0, 0) for _ in local]
-    base, parts = {}, []
+    base, parts, total = {}, [], 0
     for key, group in groups.items():
-        base[key] = sum(p.shape[0] for p in parts)
+        base[key], total = total, total + counts[key]
         parts.append(jnp.any(jnp.concatenate(group) if len(group) > 1 else group[0], axis=1))
     where = [(base.get(k, 0) + lo, base.get(k, 0) + hi) for k, lo, hi in local]
     return jnp.concatenate(parts) if len(parts) > 1 else parts[0], where

@@ -20,8 +20,6 @@ from stablejax._src.debug.report import Report
 from stablejax._src.debug.source import Frame, is_user_file, module_path, scopes
 from stablejax._src.debug.values import Origin, is_float, nonfinite_kind
 
-_FRESH_TRACE = fresh_trace  # jit-compiled steps re-trace, so NNX module names are stamped
-
 
 class LocateTraceError(TypeError):
     """``locate`` could not trace the function on the given arguments."""
@@ -191,7 +189,7 @@ def _locate(
         with (
             nnx_names.nnx_module_names(),
             nnx_names.collect_roots(roots),
-            _FRESH_TRACE("stablejax.debug.locate"),
+            fresh_trace("stablejax.debug.locate")  # NNX names stamped on compiled steps,
         ):
             closed = jax.make_jaxpr(flat_fn)(*[leaves[i] for i in dyn])
     except Exception as e:

@@ -76,8 +76,6 @@ def _check(name: str, value: Any, ok: bool, fix: str) -> None:
         raise ValueError(f"{_WHERE}: {name}={value!r} {fix}")
 
 
-
-
 def _run(inner, offer, updates, inner_state, params, extra):
     if offer is None:
         return inner.update(updates, inner_state, params, **extra)
@@ -126,6 +124,7 @@ def _reduces_over(closed: Any, leaves: list[Any]) -> bool:
         return False
 
     return scan(closed.jaxpr, tainted)
+
 
 def _overflow_check(leaves: list[Any], inv: Array | None) -> tuple[Array, Array]:
     """Whether every entry of the unscaled gradient is finite, and its per-leaf
