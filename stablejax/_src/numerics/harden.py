@@ -141,11 +141,12 @@ class _Evaluator:
             if name_stack is not None:
                 stack = name_stack + stack
             self.sub_facts = None  # a jit body's output facts, when the handler knows them
+            in_known = [known_of(v) for v in eqn.invars]
             with source_info_util.user_context(eqn.source_info.traceback, name_stack=stack), \
                     eqn.ctx.manager:
-                outs = self._eqn(eqn, invals, in_facts, stack, [known_of(v) for v in eqn.invars])
+                outs = self._eqn(eqn, invals, in_facts, stack, in_known)
             sub = self.sub_facts if eqn.primitive.name in ("jit", "pjit") else None
-            folded = _fold(eqn, [known_of(v) for v in eqn.invars])
+            folded = _fold(eqn, in_known)
             same = len(eqn.invars) == 2 and eqn.invars[0] is eqn.invars[1]
             out_fact = rules.propagate(eqn.primitive.name, eqn.params, in_facts, same)
             out_fact |= rules.shift_fact(eqn.primitive.name, eqn.params, eqn.invars, tags)
