@@ -196,7 +196,7 @@ def std_pool(
             )
         mask = validation.broadcast_mask(mask[..., None], x.shape, where)
     out_dtype = x.dtype if dtype is None else dtype
-    mean, std = mean_spread(x.astype(compute_dtype(x.dtype)), mask, (time,), False, True)
+    mean, std = mean_spread(x, mask, (time,), False, True)
     out = jnp.concatenate([mean, std], axis=-1) if output == "mean_std" else std
     return out.astype(out_dtype)
 

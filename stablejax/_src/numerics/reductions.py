@@ -299,15 +299,16 @@ def _mean_spread_jvp(axes, keepdims, std, primals, tangents):
 
 
 def mean_spread(x: Array, mask: Array | None, axes: tuple[int, ...], keepdims: bool, std: bool):
-    """Core of :func:`safe_var`, :func:`safe_std` and ``StdPool`` (compute dtype in).
+    """Core of :func:`safe_var`, :func:`safe_std` and ``StdPool`` (input dtype in).
 
     Without a mask the moments come from one fused pass
-    (:func:`stablejax._src.numerics.fused.band_mean_spread`);
-    with one, from the two-pass moments rescaled where needed (:func:`_moment_parts`).
+    (:func:`stablejax._src.numerics.fused.band_mean_spread`, which upcasts inside);
+    with one, from the two-pass moments rescaled where needed (:func:`_moment_parts`),
+    in the compute dtype. The results are in the compute dtype.
     """
     if mask is None and math.prod(x.shape[a] for a in axes) > 0:
         return band_mean_spread(x, axes, keepdims, std)
-    return _mean_spread(x, mask, axes, keepdims, std)
+    return _mean_spread(x.astype(compute_dtype(x.dtype)), mask, axes, keepdims, std)
 
 
 # --------------------------------------------------------------------------- standardize
@@ -469,9 +470,9 @@ def safe_var(
       >>> float(stablejax.safe_var(jnp.array([1.0, 3.0, 99.0]), where=jnp.array([1, 1, 0])))
       1.0
     """
-    xc, dtype, axes, mask = _prepare("safe_var", x, axis, where)
+    _, dtype, axes, mask = _prepare("safe_var", x, axis, where)
     keepdims = validation.check_keepdims(keepdims, "safe_var")
-    return mean_spread(xc, mask, axes, keepdims, False)[1].astype(dtype)
+    return mean_spread(jnp.asarray(x), mask, axes, keepdims, False)[1].astype(dtype)
 
 
 def safe_std(
@@ -512,6 +513,6 @@ def safe_std(
       >>> stablejax.safe_std(jnp.array([1.0, -1.0]) * 1e-6)
       Array(1.e-06, dtype=float32)
     """
-    xc, dtype, axes, mask = _prepare("safe_std", x, axis, where)
+    _, dtype, axes, mask = _prepare("safe_std", x, axis, where)
     keepdims = validation.check_keepdims(keepdims, "safe_std")
-    return mean_spread(xc, mask, axes, keepdims, True)[1].astype(dtype)
+    return mean_spread(jnp.asarray(x), mask, axes, keepdims, True)[1].astype(dtype)
