@@ -9,6 +9,7 @@ programs' passes over input-sized buffers (reads/writes, ``hlo_traffic``) and
 XLA's cost-model bytes accessed, ours/baseline.
 
 Run:  python bench/bench_layers.py [--repeats 30] [--json bench/results/layers.json]
+      python bench/bench_layers.py --only StdPool safe_normalize   # some rows, no JSON
 """
 
 from __future__ import annotations
@@ -88,12 +89,15 @@ def _run(step, args):
     return time.perf_counter() - t0
 
 
-def measure(repeats: int, inner: int = 5):
+def measure(repeats: int, inner: int = 5, only: tuple[str, ...] = ()):
+    """The rows whose case name contains one of ``only`` (all rows when empty)."""
     rows = []
     for dtype in (jnp.float32, jnp.bfloat16):
         for shape_name, shape in SHAPES.items():
             x = jax.random.normal(jax.random.key(1), shape).astype(dtype)
             for name, (ours, a_ours), (base, a_base) in cases(x):
+                if only and not any(word in name for word in only):
+                    continue
                 (c_ours, h_ours, b_ours), (c_base, h_base, b_base) = (
                     _compile(ours, a_ours), _compile(base, a_base))
                 for _ in range(3):  # warm up
@@ -128,6 +132,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results",
                                                    "layers.json"))
+    ap.add_argument("--only", nargs="+", default=(), metavar="WORD",
+                    help="run only the cases whose name contains a WORD; writes no JSON")
     args = ap.parse_args(argv)
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, "
           f"{os.cpu_count()} cpus, {platform.processor() or platform.machine()}")
@@ -136,9 +142,11 @@ def main(argv=None):
           "| passes reads/writes (ours vs baseline) | bytes ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     load = os.getloadavg()[0]
-    rows = measure(args.repeats)
+    rows = measure(args.repeats, only=tuple(args.only))
     load = (load + os.getloadavg()[0]) / 2
     print(f"load average {os.getloadavg()[0]:.2f} at end")
+    if args.only:
+        return
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
