@@ -80,13 +80,8 @@ def _ones(like: Array) -> Array:
 # --------------------------------------------------------------------------- norm
 
 
-def _norm_stats(x: Array, mask: Array | None, axes: tuple[int, ...], mean: bool,
-                finish=None):
+def _norm_stats(x: Array, mask: Array | None, axes: tuple[int, ...], mean: bool):
     """Returns ``(inv, s, ss)`` per row: ``z = x * inv``, ``norm = s * sqrt(ss)``.
-
-    ``finish(inv, s, ss)``, if given, is applied inside each branch of the
-    ``lax.cond`` and its result returned instead, so that the row-level arithmetic
-    after the statistics runs in the branch taken, not as separate small programs.
 
     The plain sum of squares is taken first. Only when some row's sum is not
     finite (an entry near the dtype's largest number) or so small that a square
@@ -102,21 +97,19 @@ def _norm_stats(x: Array, mask: Array | None, axes: tuple[int, ...], mean: bool,
     ok = worst <= 1.0
     count = jnp.maximum(_count(x, mask, axes), 1.0) if mean else None
 
-    def done(inv, s, ssz):
-        if mean:
-            ssz = ssz / count
-        return (inv, s, ssz) if finish is None else finish(inv, s, ssz)
-
     def plain():
-        return done(_ones(ss), _ones(ss), ss)
+        return _ones(ss), _ones(ss), ss
 
     def rescaled():
         m = jnp.max(jnp.abs(xv), axis=axes, keepdims=True, initial=0.0)
         s, inv = pow2_scale(m)
         zv = xv * inv
-        return done(inv, s, jnp.sum(zv * zv, axis=axes, keepdims=True))
+        return inv, s, jnp.sum(zv * zv, axis=axes, keepdims=True)
 
-    return jax.lax.cond(ok, plain, rescaled)
+    inv, s, ssz = jax.lax.cond(ok, plain, rescaled)
+    if mean:
+        ssz = ssz / count
+    return inv, s, ssz
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
@@ -154,15 +147,12 @@ def _unit_parts(x: Array, mask: Array | None, axes: tuple[int, ...], mean: bool)
     root-mean-square when ``mean`` is true. ``y`` is computed for every entry,
     masked ones too, with the statistics of the valid ones.
     """
+    inv, s, ss = _norm_stats(x, mask, axes, mean)
     # Never differentiated itself (``_unit``'s derivative is ``_unit_jvp``), so no
     # double-where: a select here would cut XLA's fused pass. x * inv is exactly 0
     # where r is.
-    def finish(inv, s, ss):
-        r = jnp.sqrt(ss)
-        return inv, 1.0 / jnp.maximum(r, jnp.finfo(r.dtype).tiny), s * r
-
-    inv, recip, norm = _norm_stats(x, mask, axes, mean, finish)
-    return (x * inv) * recip, norm
+    r = jnp.sqrt(ss)
+    return (x * inv) * (1.0 / jnp.maximum(r, jnp.finfo(r.dtype).tiny)), s * r
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
