@@ -91,10 +91,7 @@ def _norm_stats(x: Array, mask: Array | None, axes: tuple[int, ...], mean: bool)
     """
     xv = _valid(x, mask)
     ss = jnp.sum(xv * xv, axis=axes, keepdims=True)
-    # all(floor <= ss <= max), NaN failing, as one reduction with no select
-    top = 1.0 / float(jnp.finfo(x.dtype).max)
-    worst = jnp.max(jnp.maximum(_exact_floor(x, axes) / ss, ss * top), initial=0.0)
-    ok = worst <= 1.0
+    ok = jnp.all(jnp.isfinite(ss) & (ss >= _exact_floor(x, axes)))
     count = jnp.maximum(_count(x, mask, axes), 1.0) if mean else None
 
     def plain():
@@ -148,11 +145,8 @@ def _unit_parts(x: Array, mask: Array | None, axes: tuple[int, ...], mean: bool)
     masked ones too, with the statistics of the valid ones.
     """
     inv, s, ss = _norm_stats(x, mask, axes, mean)
-    # Never differentiated itself (``_unit``'s derivative is ``_unit_jvp``), so no
-    # double-where: a select here would cut XLA's fused pass. x * inv is exactly 0
-    # where r is.
-    r = jnp.sqrt(ss)
-    return (x * inv) * (1.0 / jnp.maximum(r, jnp.finfo(r.dtype).tiny)), s * r
+    r = _root(ss)
+    return (x * inv) * _safe_recip(r), s * r
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
@@ -182,24 +176,7 @@ def _unit_jvp(axes, mean, floor, dtype, primals, tangents):
     proj = jnp.sum(_valid(y * dx, mask), axis=axes, keepdims=True)
     if mean:
         proj = proj / jnp.maximum(_count(x, mask, axes), 1.0)
-    return (y, n), (_inv_coef(n, floor, dtype) * (dx - y * proj), proj)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
-def _inv_coef(n: Array, floor: float, dtype: str) -> Array:
-    """``_coef(n, 1, -1, floor, dtype)``, ``1 / max(n, floor)`` for ``n > 0`` and 0 at 0,
-    with no select (``n >= 0``): the first-order program stays one fused pass."""
-    del dtype
-    on = jnp.minimum(n * (1.0 / float(jnp.finfo(n.dtype).tiny)), 1.0)  # 0 at 0, else 1
-    return on / jnp.maximum(n, floor)
-
-
-@_inv_coef.defjvp
-def _inv_coef_jvp(floor, dtype, primals, tangents):
-    """The derivative of ``_coef(n, 1, -1, floor, dtype)`` (its selects only here)."""
-    (n,), (dn,) = primals, tangents
-    return _inv_coef(n, floor, dtype), jax.jvp(
-        lambda v: _coef(v, 1.0, -1.0, floor, dtype), (n,), (dn,))[1]
+    return (y, n), (_coef(n, 1.0, -1.0, floor, dtype) * (dx - y * proj), proj)
 
 
 def unit(x: Array, mask: Array | None, axes: tuple[int, ...], *, mean: bool, floor: float,
