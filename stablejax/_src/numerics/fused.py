@@ -105,9 +105,8 @@ def _band_moments(x: Array, axes: tuple[int, ...]):
     r"""One fused pass of moments: three reductions, scaled only outside the band.
 
     ``x`` is in its input dtype (upcast inside, after the smallest entry of a
-    bfloat16 row is taken). Returns
-    ``(c, s, mean_z, dz, var_z)``, shaped like reductions over ``axes`` except
-    ``dz``:
+    bfloat16 row is taken). Returns ``(c, s, mean_z, dz, var_z)``, shaped like
+    reductions over ``axes`` except ``dz``:
 
     .. math::
         d = x h - c h \ge 0, \quad S = \textstyle\sum d, \quad
