@@ -18,6 +18,7 @@ from jax import lax
 
 from stablejax._src import validation
 from stablejax._src.optim import clipping
+from stablejax._src.optim.known_sums import KnownSums
 from stablejax._src.optim.selected_state import update_reading_selected_state
 from stablejax._src.typing import Array
 
@@ -291,6 +292,10 @@ def guard(
         # From an enclosing dynamic_loss_scale when there is one (its overflow
         # check already summed the squares of the scaled gradient).
         sumsq = clipping.hinted_sumsq(leaves)
+        # Sums of squares a norm inside `inner` (optax's own clip) would take of
+        # these very leaves again: answered with these (known_sums). Local sums:
+        # inside shard_map that norm is this shard's, not the psum-ed one.
+        known = KnownSums(leaves, sumsq) if leaves and sumsq.dtype == jnp.float32 else None
         if axis_name is not None:
             sumsq = lax.psum(sumsq, axis_name)
         norm = jnp.sqrt(jnp.sum(sumsq))
@@ -397,7 +402,7 @@ def guard(
                 return jnp.where(skip, kept_leaf(i, reset), new)
 
             new_updates, new_inner = update_reading_selected_state(
-                inner_update, state.inner_state, choose
+                inner_update, state.inner_state, choose, known=known
             )
         if lr_backoff is not None:
             new_updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), new_updates)
