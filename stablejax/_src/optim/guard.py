@@ -291,7 +291,7 @@ def guard(
         leaves = jax.tree.leaves(updates)
         # From an enclosing dynamic_loss_scale when there is one (its overflow
         # check already summed the squares of the scaled gradient).
-        sumsq = clipping.hinted_sumsq(leaves)
+        sumsq = clipping.hinted_sumsq(leaves, isolated=True)
         # Sums of squares a norm inside `inner` (optax's own clip) would take of
         # these very leaves again: answered with these (known_sums). Local sums:
         # inside shard_map that norm is this shard's, not the psum-ed one.
@@ -367,7 +367,9 @@ def guard(
         skip_in = state.halted | nonfinite | spike
         if check:
             # Selected after the fact: the refusal now depends on the whole output.
-            new_updates, new_inner = inner_update()
+            new_updates, new_inner = update_reading_selected_state(
+                inner_update, state.inner_state, lambda i, new: new, known=known
+            )
             out_ok = jnp.asarray(True)
             for x in jax.tree.leaves((new_updates, new_inner)):
                 x = jnp.asarray(x)
