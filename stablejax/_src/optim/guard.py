@@ -413,9 +413,16 @@ def guard(
             u = jnp.asarray(u)
             if not jnp.issubdtype(u.dtype, jnp.inexact):
                 return jnp.where(skip, jnp.zeros_like(u), u)
-            # Per element, in the loop that writes the update: free, and no NaN
-            # or Inf can leave the guard even where the output is not checked.
-            return jnp.where(skip | ~jnp.isfinite(u), jnp.zeros_like(u), u)
+            # Per element, in the loop that writes the update, so that no NaN or
+            # Inf can leave the guard even where the output is not checked:
+            # |u| <= lim keeps u, with lim the dtype's largest number on an
+            # accepted step and -1 on a refused one (nothing passes, NaN
+            # included: every comparison with NaN is false). One comparison per
+            # element instead of isfinite's, a not and an or.
+            if jnp.issubdtype(u.dtype, jnp.complexfloating):
+                return jnp.where(skip | ~jnp.isfinite(u), jnp.zeros_like(u), u)
+            lim = jnp.where(skip, -1.0, float(jnp.finfo(u.dtype).max)).astype(u.dtype)
+            return jnp.where(jnp.abs(u) <= lim, u, jnp.zeros_like(u))
 
         new_updates = jax.tree.map(out, new_updates)
 
