@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -115,15 +116,31 @@ def prepare(tx, base, grads, donate: bool, with_loss: bool = False) -> dict:
     return {"step": step, "params": params, "state": state, "hlo": hlo, "steps": [], "ratios": []}
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (pages mapped in on first touch)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_block(run: dict, grads, steps: int) -> list[float]:
+    """Times ``steps`` synchronised steps of ``run``; adds their minor page faults
+    to ``run["faults"]`` (freshly mapped output buffers fault in page by page:
+    a cost of the allocator and the machine's memory reclaim, not of the step's
+    arithmetic, that differs from one compiled program to another)."""
     p, s, times = run["params"], run["state"], []
+    f0 = minor_faults()
     for _ in range(steps):
         t0 = time.perf_counter()
         p, s = run["step"](p, s, grads)
         jax.block_until_ready((p, s))
         times.append(time.perf_counter() - t0)
+    run["faults"] = run.get("faults", 0) + minor_faults() - f0
     run["params"], run["state"] = p, s
     return times
+
+
+def faults_per_step(run: dict) -> float:
+    """Mean minor page faults per recorded step of ``run``."""
+    return run.get("faults", 0) / max(len(run["steps"]), 1)
 
 
 def interleave(groups: list[list[tuple[dict, dict]]], grads, *, rounds: int, warmup: int,
@@ -136,6 +153,10 @@ def interleave(groups: list[list[tuple[dict, dict]]], grads, *, rounds: int, war
     """
     t_start = time.perf_counter()
     for r in range(warmup + rounds):
+        if r == warmup:  # page faults are counted over the recorded rounds only
+            for pairs in groups:
+                for a_run, b_run in pairs:
+                    a_run["faults"] = b_run["faults"] = 0
         for pairs in groups:
             k = r % len(pairs)
             for a_run, b_run in pairs[k:] + pairs[:k]:

@@ -33,7 +33,15 @@ import jax
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.abba import arguments, interleave, prepare, quantile, save, workload  # noqa: E402
+from bench.abba import (  # noqa: E402
+    arguments,
+    faults_per_step,
+    interleave,
+    prepare,
+    quantile,
+    save,
+    workload,
+)
 from stablejax import optim  # noqa: E402
 
 
@@ -94,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "ratio_q75": quantile(ratios, 0.75),
                 "inner_reads_writes": [a_run["hlo"]["big_reads"], a_run["hlo"]["big_writes"]],
                 "wrapped_reads_writes": [b_run["hlo"]["big_reads"], b_run["hlo"]["big_writes"]],
+                "minor_faults_per_step": [faults_per_step(a_run), faults_per_step(b_run)],
             })
     result = {
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores visible, "
@@ -110,13 +119,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{n_params / 1e6:.2f}M params, {args.rounds} rounds of ABBA x {args.steps} steps, "
           f"{result['machine']}, {elapsed:.0f} s timed\n")
     print("| pair | donated | inner (ms) | wrapped (ms) | ratio: median [IQR] "
-          "| full-size reads/writes inner -> wrapped |")
-    print("|---|---|---|---|---|---|")
+          "| full-size reads/writes inner -> wrapped | page faults / step inner, wrapped |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['pair']} | {'yes' if r['donated'] else 'no'} | {r['inner_ms']:.2f} | "
               f"{r['wrapped_ms']:.2f} | {r['ratio']:.3f} [{r['ratio_q25']:.3f}, "
               f"{r['ratio_q75']:.3f}] | {r['inner_reads_writes']} -> "
-              f"{r['wrapped_reads_writes']} |")
+              f"{r['wrapped_reads_writes']} | {r['minor_faults_per_step'][0]:.0f}, "
+              f"{r['minor_faults_per_step'][1]:.0f} |")
     save(result, args)
     return result
 

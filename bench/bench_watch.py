@@ -16,7 +16,11 @@ It also checks on a NaN step (Block_2's query projection zeroed, a backward
 Ratios: of the medians, and the median of per-repetition ratios (each
 repetition's time against the plain step's in the same repetition); and,
 independent of the machine's load, the flops and bytes accessed of XLA's cost
-model of each compiled step against the plain step's.
+model of each compiled step against the plain step's. The flags read each
+value with one float sum and check it element by element only when a sum is
+not finite, under ``lax.cond`` (``_src/debug/finite.py``); the cost model
+counts that branch's bytes too, though a healthy step never runs it, so its
+bytes ratio overstates the flags' traffic.
 Writes ``bench/results/watch.json``.
 Run: ``python bench/bench_watch.py [--layers 4 --d 256 --seq 128 --batch 4 --reps 21]``.
 """

@@ -47,3 +47,16 @@ def test_guard_adds_no_pass_over_the_moments(donate, on_give_up):
     base, ours = traffic(plain, donate), traffic(guarded, donate)
     assert ours["copies"] == 0
     assert ours["reads"] <= base["reads"] and ours["writes"] <= base["writes"], (ours, base)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="counts XLA:CPU fusions")
+@pytest.mark.parametrize("donate", [False, True])
+def test_guard_of_bare_adam_reads_the_gradient_once_more_and_writes_nothing_more(donate):
+    # Adam squares the same gradient the guard sums the squares of: unless the
+    # guard's square is kept apart, XLA merges the two and writes g * g to memory.
+    base = traffic(optax.adam(1e-3), donate)
+    ours = traffic(optim.guard(optax.adam(1e-3)), donate)
+    assert ours["copies"] == 0
+    assert ours["writes"] <= base["writes"], (ours, base)
+    assert ours["reads"] <= base["reads"] + 3, (ours, base)  # one read of each full-size leaf
+

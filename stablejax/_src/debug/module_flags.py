@@ -28,6 +28,7 @@ from jax.extend import core as jcore
 from jax.extend import source_info_util
 
 from stablejax._src.debug import nnx_names
+from stablejax._src.debug.finite import all_finite
 from stablejax._src.debug.source import has_transform, scopes
 from stablejax._src.jaxpr_bind import bind_equation
 
@@ -190,7 +191,7 @@ class _Recorder:
         )
         if not recs:
             return {}, jnp.int32(-1), ()
-        per_value = [jnp.isfinite(r[3]).all() for r in recs]
+        per_value = all_finite([r[3] for r in recs])
         names = tuple(r[2] for r in recs)
         modules: dict[str, jax.Array] = {}
         for name, ok in zip(names, per_value):

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stablejax._src.debug.finite import all_finite
 from stablejax._src.debug.locate import locate
 from stablejax._src.debug.module_flags import Flags, ModuleFlagged
 from stablejax._src.debug.report import Report
@@ -34,12 +35,16 @@ def finite_flags(tree: Any) -> dict[str, jax.Array]:
     (``[0]['params']['Dense_0']``), per optimizer-state part and one for the
     loss. Runs inside ``jit``: no host callback.
     """
-    groups: dict[str, list[jax.Array]] = {}
+    names, leaves = [], []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         dtype = getattr(leaf, "dtype", None)
         if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
             continue
-        groups.setdefault(_group_name(path), []).append(jnp.isfinite(leaf).all())
+        names.append(_group_name(path))
+        leaves.append(leaf)
+    groups: dict[str, list[jax.Array]] = {}
+    for name, ok in zip(names, all_finite(leaves)):
+        groups.setdefault(name, []).append(ok)
     return {name: functools.reduce(jnp.logical_and, flags) for name, flags in groups.items()}
 
 

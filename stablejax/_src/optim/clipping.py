@@ -35,7 +35,7 @@ def _acc_dtype(dtype: Any) -> Any:
     return jnp.float32
 
 
-def leaf_sumsq(leaves: Sequence[Any]) -> Array:
+def leaf_sumsq(leaves: Sequence[Any], isolated: bool = False) -> Array:
     """Returns the sum of squares of each leaf, in float32 (float64 for float64 leaves).
 
     float16 and bfloat16 leaves are squared in float32, so their norm never
@@ -43,10 +43,19 @@ def leaf_sumsq(leaves: Sequence[Any]) -> Array:
     leaf holds a NaN or Inf, or its sum of squares overflows the accumulation
     dtype (float32: entries beyond about 1.8e19). Non-float leaves (integer or
     ``float0`` gradients) and zero-size leaves contribute 0.
+
+    With ``isolated`` each leaf is squared behind ``lax.optimization_barrier``
+    (the same numbers): for a guard whose inner Adam squares the very same
+    gradient, XLA would otherwise merge the two ``g * g`` into one array and,
+    with two readers (this reduction and Adam's loop), write it to memory: one
+    more write and read of every leaf. An inner norm of the same squares is
+    answered from these sums instead (:mod:`known_sums`).
     """
     out = []
     for x in leaves:
         x = jnp.asarray(x)
+        if isolated and jnp.issubdtype(x.dtype, jnp.floating) and x.size:
+            x = lax.optimization_barrier(x)
         if jnp.issubdtype(x.dtype, jnp.complexfloating):
             acc = _acc_dtype(x.dtype)
             out.append(jnp.sum(jnp.square(jnp.abs(x).astype(acc))))
@@ -144,11 +153,11 @@ def unscaled_view(leaves: Sequence[Any]) -> tuple[tuple[Any, ...], Array] | None
     return None if hint is None else (hint.raw, hint.factor)
 
 
-def hinted_sumsq(leaves: Sequence[Any]) -> Array:
+def hinted_sumsq(leaves: Sequence[Any], isolated: bool = False) -> Array:
     """:func:`leaf_sumsq` of ``leaves``, taken from an enclosing offer for these
     very leaves when there is one."""
     hint = _hint(leaves, "sumsq")
-    return leaf_sumsq(leaves) if hint is None else hint.sumsq
+    return leaf_sumsq(leaves, isolated) if hint is None else hint.sumsq
 
 
 def global_norm(updates: PyTree, axis_name: str | None = None) -> tuple[Array, bool]:

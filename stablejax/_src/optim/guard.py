@@ -18,6 +18,7 @@ from jax import lax
 
 from stablejax._src import validation
 from stablejax._src.optim import clipping
+from stablejax._src.optim.known_sums import KnownSums
 from stablejax._src.optim.selected_state import update_reading_selected_state
 from stablejax._src.typing import Array
 
@@ -290,7 +291,11 @@ def guard(
         leaves = jax.tree.leaves(updates)
         # From an enclosing dynamic_loss_scale when there is one (its overflow
         # check already summed the squares of the scaled gradient).
-        sumsq = clipping.hinted_sumsq(leaves)
+        sumsq = clipping.hinted_sumsq(leaves, isolated=True)
+        # Sums of squares a norm inside `inner` (optax's own clip) would take of
+        # these very leaves again: answered with these (known_sums). Local sums:
+        # inside shard_map that norm is this shard's, not the psum-ed one.
+        known = KnownSums(leaves, sumsq) if leaves and sumsq.dtype == jnp.float32 else None
         if axis_name is not None:
             sumsq = lax.psum(sumsq, axis_name)
         norm = jnp.sqrt(jnp.sum(sumsq))
@@ -362,7 +367,9 @@ def guard(
         skip_in = state.halted | nonfinite | spike
         if check:
             # Selected after the fact: the refusal now depends on the whole output.
-            new_updates, new_inner = inner_update()
+            new_updates, new_inner = update_reading_selected_state(
+                inner_update, state.inner_state, lambda i, new: new, known=known
+            )
             out_ok = jnp.asarray(True)
             for x in jax.tree.leaves((new_updates, new_inner)):
                 x = jnp.asarray(x)
@@ -397,7 +404,7 @@ def guard(
                 return jnp.where(skip, kept_leaf(i, reset), new)
 
             new_updates, new_inner = update_reading_selected_state(
-                inner_update, state.inner_state, choose
+                inner_update, state.inner_state, choose, known=known
             )
         if lr_backoff is not None:
             new_updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), new_updates)
@@ -406,9 +413,16 @@ def guard(
             u = jnp.asarray(u)
             if not jnp.issubdtype(u.dtype, jnp.inexact):
                 return jnp.where(skip, jnp.zeros_like(u), u)
-            # Per element, in the loop that writes the update: free, and no NaN
-            # or Inf can leave the guard even where the output is not checked.
-            return jnp.where(skip | ~jnp.isfinite(u), jnp.zeros_like(u), u)
+            # Per element, in the loop that writes the update, so that no NaN or
+            # Inf can leave the guard even where the output is not checked:
+            # |u| <= lim keeps u, with lim the dtype's largest number on an
+            # accepted step and -1 on a refused one (nothing passes, NaN
+            # included: every comparison with NaN is false). One comparison per
+            # element instead of isfinite's, a not and an or.
+            if jnp.issubdtype(u.dtype, jnp.complexfloating):
+                return jnp.where(skip | ~jnp.isfinite(u), jnp.zeros_like(u), u)
+            lim = jnp.where(skip, -1.0, float(jnp.finfo(u.dtype).max)).astype(u.dtype)
+            return jnp.where(jnp.abs(u) <= lim, u, jnp.zeros_like(u))
 
         new_updates = jax.tree.map(out, new_updates)
 

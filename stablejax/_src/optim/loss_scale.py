@@ -22,6 +22,7 @@ import optax
 from jax import lax
 
 from stablejax._src.optim import clipping
+from stablejax._src.optim.known_sums import KnownSums
 from stablejax._src.optim.selected_state import update_reading_selected_state
 from stablejax._src.typing import Array, ArrayLike, PyTree
 
@@ -227,10 +228,14 @@ def dynamic_loss_scale(
     ``inner`` reuses them, so nothing reduces over the unscaled gradient and XLA
     fuses the unscaling into the optimizer's loops: the step then makes exactly
     the passes over parameter-sized buffers of ``inner`` alone
-    (``stable_adamw(loss_scale=True)`` included). An ``inner`` that reduces over
-    the unscaled gradient itself (optax's own ``clip_by_global_norm``) shares
-    that reduction with the check, but XLA:CPU then writes the unscaled
-    gradient once.
+    (``stable_adamw(loss_scale=True)`` included). A sum of the squares of an
+    unscaled gradient leaf that ``inner`` takes itself (optax's own
+    ``clip_by_global_norm`` or ``clip_by_block_rms``, also under a guard) is
+    answered with the check's sums (:mod:`~stablejax._src.optim.known_sums`:
+    the same numbers for a power-of-two scale, up to the order of the
+    additions), so the same holds there. Only an ``inner`` that reduces over
+    the unscaled gradient otherwise (``optax.centralize``, say) makes XLA:CPU
+    write it once; the check then shares that pass.
 
     A ``loss=`` extra argument (for a guard's loss check or
     :func:`~stablejax.optim.overshoot_control`) must be the *scaled* loss, as
@@ -350,17 +355,23 @@ def dynamic_loss_scale(
         # it, exactly as optax.tree.norm does, and XLA merges the two
         # reductions into one.
         floats = all(jnp.issubdtype(jnp.asarray(g).dtype, jnp.floating) for g in leaves)
-        offer = None
+        offer = known = None
         finite, sumsq = _overflow_check(leaves, inv)
         if floats and leaves:
-            offer = clipping.unscaled_offer(jax.tree.leaves(unscaled), sumsq, leaves, inv)
+            flat_unscaled = jax.tree.leaves(unscaled)
+            offer = clipping.unscaled_offer(flat_unscaled, sumsq, leaves, inv)
             probe = jax.make_jaxpr(
                 lambda: _run(inner, offer, unscaled, state.inner_state, params, extra)
             )()
             if not offer.taken:
                 offer = None
-                if _reduces_over(probe, jax.tree.leaves(unscaled)):
-                    finite, _ = _overflow_check(jax.tree.leaves(unscaled), None)
+                if _reduces_over(probe, flat_unscaled):
+                    # A norm of inner's own (optax.tree.norm) is answered with
+                    # the check's sums (known_sums); only if something else still
+                    # reduces over the unscaled gradient is the check moved onto it.
+                    known = KnownSums(flat_unscaled, sumsq)
+                    if _reduces_over(known.replayed(probe), flat_unscaled):
+                        finite, _ = _overflow_check(flat_unscaled, None)
         if axis_name is not None:
             finite = lax.pmin(finite.astype(jnp.int32), axis_name) > 0
         overflow = ~finite
@@ -372,7 +383,10 @@ def dynamic_loss_scale(
         # never multiplied by 0), each state leaf as soon as inner computes it,
         # as the guard does: the selects fuse into inner's own loops.
         new_updates, new_inner = update_reading_selected_state(
-            inner_update, state.inner_state, lambda i, new: jnp.where(overflow, old_leaves[i], new)
+            inner_update,
+            state.inner_state,
+            lambda i, new: jnp.where(overflow, old_leaves[i], new),
+            known=known,
         )
         new_updates = jax.tree.map(
             lambda u: jnp.where(overflow, jnp.zeros_like(u), u), new_updates

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from stablejax._src.jaxpr_bind import bind_equation
 
 
-def update_reading_selected_state(inner_update, old_state, choose):
+def update_reading_selected_state(inner_update, old_state, choose, known=None):
     """Runs ``inner_update()`` with every new state leaf replaced, as soon as it is
     computed, by ``choose(i, new)`` (the guard's select of flat leaf ``i``: the
     old leaf on a refused step, the fresh one on a reset); returns
@@ -38,6 +38,10 @@ def update_reading_selected_state(inner_update, old_state, choose):
     which inlines into the enclosing trace like the direct call. A leaf the
     substitution cannot reach (an input passed through, a constant, a value
     that is also another leaf, another shape) is selected after the fact.
+
+    With ``known`` (a :class:`~stablejax._src.optim.known_sums.KnownSums`), a
+    sum of squares of a gradient leaf that the caller already has is taken
+    from it instead of being computed again.
     """
     closed, out_shape = jax.make_jaxpr(inner_update, return_shape=True)()
     jaxpr = closed.jaxpr
@@ -70,9 +74,15 @@ def update_reading_selected_state(inner_update, old_state, choose):
 
     for v, c in zip(jaxpr.constvars, closed.consts):
         env[v] = c
+    if known is not None:
+        known.start(closed)
     for eqn in jaxpr.eqns:
-        with eqn.ctx.manager:
-            out = bind_equation(eqn, [read(v) for v in eqn.invars])
+        out = None if known is None else known.answer(eqn)
+        if out is None:
+            with eqn.ctx.manager:
+                out = bind_equation(eqn, [read(v) for v in eqn.invars])
+        if known is not None:
+            known.note(eqn)
         for v, value in zip(eqn.outvars, out):
             write(v, value)
     out = [read(v) for v in jaxpr.outvars]
