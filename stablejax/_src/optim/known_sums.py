@@ -38,16 +38,14 @@ _SQUARE = ("square", "integer_pow", "mul")
 class KnownSums:
     """Per-leaf sums of squares ``sums[i]`` of the traced ``leaves[i]``.
 
-    Use: :meth:`start` with the closed jaxpr to be bound, then per equation
-    :meth:`answer` (the outputs to use instead of binding it, or None) and
-    :meth:`note` (after it is bound or answered).
+    Use: :meth:`start` with the closed jaxpr to be bound, then :meth:`bind` for
+    each of its equations in order.
     """
 
     def __init__(self, leaves: Sequence[Any], sums: Any):
         self._index = {id(x): i for i, x in enumerate(leaves)}
         self._sums = sums
         self._kind: dict[Any, tuple] = {}
-        self.answered = 0
 
     def start(self, closed: Any) -> None:
         """Marks the constants of ``closed`` that are known leaves."""
@@ -97,7 +95,6 @@ class KnownSums:
             return None
         if out.shape != () or np.dtype(out.dtype) != np.dtype(self._sums.dtype):
             return None
-        self.answered += 1
         return [self._sums[kind[1]]]
 
     def note(self, eqn: Any) -> None:
@@ -105,6 +102,16 @@ class KnownSums:
         kind = self._classify(eqn)
         if kind is not None and len(eqn.outvars) == 1:
             self._kind[eqn.outvars[0]] = kind
+
+    def bind(self, eqn: Any, read: Any) -> list[Any]:
+        """The outputs of ``eqn``: a known sum (:meth:`answer`), or the equation
+        bound on its operands (``read`` of each input var); then :meth:`note`."""
+        out = self.answer(eqn)
+        if out is None:
+            with eqn.ctx.manager:
+                out = bind_equation(eqn, [read(v) for v in eqn.invars])
+        self.note(eqn)
+        return out
 
     def replayed(self, closed: Any) -> Any:
         """``closed`` (a jaxpr with no inputs) traced again with the known sums
@@ -115,16 +122,7 @@ class KnownSums:
             read = lambda v: v.val if isinstance(v, jex_core.Literal) else env[v]
             self.start(closed)
             for eqn in closed.jaxpr.eqns:
-                out = self.answer(eqn)
-                if out is None:
-                    with eqn.ctx.manager:
-                        out = bind_equation(eqn, [read(v) for v in eqn.invars])
-                self.note(eqn)
-                env.update(zip(eqn.outvars, out))
+                env.update(zip(eqn.outvars, self.bind(eqn, read)))
             return [read(v) for v in closed.jaxpr.outvars]
 
-        answered = self.answered
-        try:
-            return jax.make_jaxpr(run)()
-        finally:
-            self.answered = answered
+        return jax.make_jaxpr(run)()

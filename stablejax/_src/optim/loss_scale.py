@@ -349,11 +349,12 @@ def dynamic_loss_scale(
         # clip_by_global_norm or overshoot_control first in it: see
         # clipping.unscaled_offer), or reduces over nothing, they are taken of
         # the scaled gradient, so that nothing reduces over the unscaled one and
-        # XLA fuses the unscaling into inner's elementwise loops. If it reduces
-        # over the unscaled gradient itself (optax's own clip, say), that
-        # makes XLA write the unscaled gradient anyway; they are then taken of
-        # it, exactly as optax.tree.norm does, and XLA merges the two
-        # reductions into one.
+        # XLA fuses the unscaling into inner's elementwise loops. If it sums
+        # the squares of the unscaled gradient itself (optax's own clip, say),
+        # those sums are answered with these (known_sums). Only if it still
+        # reduces over the unscaled gradient otherwise, which makes XLA write
+        # it anyway, is the check taken of the unscaled gradient, so that XLA
+        # can merge the reductions.
         floats = all(jnp.issubdtype(jnp.asarray(g).dtype, jnp.floating) for g in leaves)
         offer = known = None
         finite, sumsq = _overflow_check(leaves, inv)

@@ -77,12 +77,11 @@ def update_reading_selected_state(inner_update, old_state, choose, known=None):
     if known is not None:
         known.start(closed)
     for eqn in jaxpr.eqns:
-        out = None if known is None else known.answer(eqn)
-        if out is None:
+        if known is not None:
+            out = known.bind(eqn, read)
+        else:
             with eqn.ctx.manager:
                 out = bind_equation(eqn, [read(v) for v in eqn.invars])
-        if known is not None:
-            known.note(eqn)
         for v, value in zip(eqn.outvars, out):
             write(v, value)
     out = [read(v) for v in jaxpr.outvars]
