@@ -241,3 +241,80 @@ def test_flags_see_a_nan_in_a_large_value():
     assert (r.primitive, r.kind, r.source, r.category, r.rows) == (
         "log", "nan", line("widelog"), "forward_singularity", None
     ), str(r)
+
+
+# ------------------------------------------------- fewer flags: codes inferred on the host
+
+
+def test_thinning_drops_flags_and_keeps_the_answer(tiny, no_full_walk, monkeypatch):
+    from stablejax._src.debug import sparse
+
+    step, args = tiny
+    closed = jax.make_jaxpr(step)(*args)
+    w = interpreter.Walker()
+    prog = compiled.flatten(w, closed, interpreter.CALL_PARAMS, w.root_site())
+    spans = compiled.blocks(prog)
+    esc = compiled.escaping(prog, spans)
+    flagged, derived = sparse.thin(prog, esc)
+    every = [i for e in esc for i in e]
+    assert len(flagged) < 0.8 * len(every), (len(flagged), len(every))
+    outputs = {i for i in prog.outputs if not isinstance(i, tuple)}
+    assert outputs & set(every) <= set(flagged)  # outputs are always flagged
+    # The inferred codes are the measured ones.
+    measured = compiled.flag_values(prog, list(jax.tree.leaves(args)), False, every)
+    thin = compiled.flag_values(prog, list(jax.tree.leaves(args)), False, flagged)
+    inferred = sparse.infer(prog, derived, thin, list(jax.tree.leaves(args)))
+    assert any(measured.values())
+    assert {i: inferred[i] for i in every} == measured
+    thinned = locate(step)(*args)
+    monkeypatch.setattr(sparse, "thin", lambda prog, esc: ([i for e in esc for i in e], {}))
+    dense = locate(step)(*args)
+    assert _fields(thinned) == _fields(dense)
+    assert [s.to_dict() for s in thinned.inputs] == [s.to_dict() for s in dense.inputs]
+
+
+def test_birth_on_an_unflagged_chain(no_full_walk, monkeypatch):
+    # x + x overflows to Inf from finite operands: an add of an argument, so its
+    # code is inferred (finite) and not flagged; sin(Inf) is NaN and flagged. The
+    # search must move from sin's block to the add's.
+    from stablejax._src.debug import sparse
+
+    def f(x, y):
+        big = x + x  # L:overflow
+        twice = jnp.reshape(big, (2, 2)) * 2.0
+        return jnp.sum(jnp.sin(twice) * y)
+
+    x = jnp.full((4,), 3e38, jnp.float32)
+    y = jnp.ones((2, 2))
+    closed = jax.make_jaxpr(f)(x, y)
+    w = interpreter.Walker()
+    prog = compiled.flatten(w, closed, interpreter.CALL_PARAMS, w.root_site())
+    esc = compiled.escaping(prog, compiled.blocks(prog))
+    flagged, derived = sparse.thin(prog, esc)
+    adds = [o for leaf in prog.leaves if leaf.eqn.primitive.name == "add" for o in leaf.outs]
+    assert adds and all(o in derived and o not in flagged for o in adds)
+    r = locate(jax.jit(f))(x, y)
+    assert (r.primitive, r.kind, r.source) == ("add", "inf", line("overflow")), str(r)
+    assert r.reaches_output
+    # Without the move, the block chosen first (sin's) shows an operand the codes
+    # called finite: the search gives up on the compiled pass.
+    monkeypatch.setattr(search, "_MAX_MOVES", 0)
+    with pytest.raises(AssertionError, match="walked the whole program"):
+        locate(jax.jit(f))(x, y)
+
+
+def test_derivable_rule():
+    from stablejax._src.debug import sparse
+
+    def eqn_of(fn, *args):
+        return jax.make_jaxpr(fn)(*args).jaxpr.eqns[0]
+
+    x = jnp.ones(3, jnp.float32)
+    assert sparse.derivable(eqn_of(lambda a: a.reshape(3, 1), x))
+    assert sparse.derivable(eqn_of(lambda a: a.astype(jnp.float32), x.astype(jnp.bfloat16)))
+    assert not sparse.derivable(eqn_of(lambda a: a.astype(jnp.bfloat16), x))  # may overflow
+    assert not sparse.derivable(eqn_of(lambda a: a.astype(jnp.float16), x))
+    assert not sparse.derivable(eqn_of(lambda a: a / 2.0, x))  # x / inf is finite
+    assert not sparse.derivable(eqn_of(lambda a: a[:2], x))  # a slice can drop the NaN
+    assert not sparse.derivable(eqn_of(lambda a: a**-1, x))
+    assert sparse.derivable(eqn_of(lambda a: a**2, x))

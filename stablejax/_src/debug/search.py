@@ -22,7 +22,7 @@ from typing import Any
 
 from jax.extend import core as jcore
 
-from stablejax._src.debug import compiled
+from stablejax._src.debug import compiled, sparse
 from stablejax._src.debug import phase as phase_labels
 from stablejax._src.debug.interpreter import INTENTIONAL, Walker
 from stablejax._src.debug.source import traceback_frames
@@ -31,6 +31,7 @@ from stablejax._src.debug.values import Origin, is_float, nonfinite_kind
 FALLBACK = "fallback"
 _KINDS = {0: None, 1: "nonfinite"}
 _MAX_WALKS = 4  # blocks walked before giving up on the compiled pass
+_MAX_MOVES = 8  # moves to the block making a non-finite value whose inferred code was 0
 
 
 @dataclasses.dataclass
@@ -265,13 +266,15 @@ def search(
     n_known = len(walker.origins)  # arguments, then NaN constants
     spans = compiled.blocks(prog)
     esc = compiled.escaping(prog, spans)
-    ids = [i for e in esc for i in e]
-    codes = compiled.flag_values(prog, args, walker.run_callbacks, ids)
+    flagged, derived = sparse.thin(prog, esc)
+    measured = compiled.flag_values(prog, args, walker.run_callbacks, flagged)
     arg_kinds = [nonfinite_kind(a) if is_float(a) else None for a in args]
     has_regions = any(leaf.region for leaf in prog.leaves)
     walker.skipped_callbacks = prog.callbacks if not walker.run_callbacks else 0
     intentional: set[int] = set()
-    for _ in range(_MAX_WALKS):
+    walks = moves = 0
+    while True:
+        codes = sparse.infer(prog, derived, measured, args)
         cands, reached, taint = taint_walk(
             prog, spans, esc, codes, arg_taints, arg_kinds, n_known, frozenset(intentional)
         )
@@ -297,9 +300,18 @@ def search(
         )
         env = compiled.values_of(prog, args, needed, span.start, walker.run_callbacks)
         block_taint = {i: (INTENTIONAL if taint.get(i) == INTENTIONAL else None) for i in needed}
-        if any(
-            block_taint[i] is None and is_float(env[i]) and nonfinite_kind(env[i]) for i in needed
-        ):
+        wrong = [
+            i
+            for i in needed
+            if block_taint[i] is None and is_float(env[i]) and nonfinite_kind(env[i])
+        ]
+        if wrong:
+            if moves < _MAX_MOVES and all(i in derived and not codes.get(i) for i in wrong):
+                # Born by overflow in a value whose code was inferred finite: take
+                # its code as measured, so the taint walk moves to the block making it.
+                measured.update(dict.fromkeys(wrong, 1))
+                moves += 1
+                continue
             # The cut-down program disagrees with the flagged one (XLA fused the
             # two differently, e.g. a variance exactly 0 in one, tiny in the
             # other): only the full walk is consistent.
@@ -309,9 +321,10 @@ def search(
         walk_block(trial, prog, span, dict(env), dict(block_taint))
         if len(trial.origins) > n_known:
             break
+        walks += 1
+        if walks >= _MAX_WALKS:
+            return FALLBACK
         intentional.add(first[1])  # only -inf masks in there: look again
-    else:
-        return FALLBACK
     del trial
     base = len(walker.origins)
     _remember_upto(walker, prog, span.start - 1)
