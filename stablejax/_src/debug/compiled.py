@@ -35,7 +35,7 @@ import numpy as np
 from jax._src import source_info_util
 from jax.extend import core as jcore
 
-from stablejax._src.debug import codes
+from stablejax._src.debug import codes, sparse
 from stablejax._src.debug import phase as phase_labels
 from stablejax._src.debug.source import scopes, traceback_frames
 from stablejax._src.debug.values import is_float
@@ -236,12 +236,69 @@ def blocks(prog: Program, size: int | None = None) -> list[range]:
     """Consecutive runs of at most ``size`` leaves: the unit the compiled pass flags.
 
     By default a program of up to ``SMALL`` leaves flags every value (a NaN masked
-    inside any block is then seen too); a larger one, blocks of ``BLOCK``.
+    inside any block is then seen too); a larger one, blocks of ``BLOCK//2`` to
+    ``BLOCK`` leaves cut where the fewest short-lived values cross (:func:`cuts`).
+    An explicit ``size`` gives blocks of exactly ``size`` (the last one shorter).
     """
     n = len(prog.leaves)
-    if size is None:
-        size = 1 if n <= SMALL else BLOCK
+    if size is None and n > SMALL:
+        ends = cuts(prog, max(1, BLOCK // 2), BLOCK)
+        return [range(s, e) for s, e in zip([0, *ends[:-1]], ends)]
+    size = size or 1
     return [range(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def cuts(prog: Program, lo: int, hi: int) -> list[int]:
+    """Block ends (exclusive, the last one ``len(prog.leaves)``), blocks of ``lo`` to ``hi``.
+
+    A flagged value costs the flagged program's compile most when it is short-lived:
+    it would have been fused into its readers, and its flag makes XLA materialize
+    it. The cost of a cut before leaf ``k`` is the number of floating values made
+    before ``k`` and read at or after it that live fewer than ``4 * hi`` leaves and
+    whose finiteness does not follow from their operands' (:func:`sparse.derivable`);
+    the cuts minimize the total (dynamic programming over the block lengths).
+    """
+    n = len(prog.leaves)
+    if n <= hi:
+        return [n]
+    made: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for k, leaf in enumerate(prog.leaves):
+        for i in leaf.ins:
+            if not isinstance(i, tuple) and i in made:
+                last[i] = k
+        if leaf.region or not sparse.derivable(leaf.eqn):
+            for v, o in zip(leaf.eqn.outvars, leaf.outs):
+                if o is not None and is_float(v.aval):
+                    made[o] = k
+    delta = [0] * (n + 2)  # cost[k] = values alive across the cut before leaf k
+    for o, k in made.items():
+        end = last.get(o)
+        if end is not None and end - k < 4 * hi:
+            delta[k + 1] += 1
+            delta[end + 1] -= 1
+    cost = [0] * (n + 1)
+    run = 0
+    for k in range(n + 1):
+        run += delta[k]
+        cost[k] = run
+    inf = float("inf")
+    best = [inf] * (n + 1)
+    back = [0] * (n + 1)
+    best[0] = 0.0
+    for e in range(1, n + 1):
+        c = 0 if e == n else cost[e]
+        for s in range(max(0, e - hi), e - lo + 1 if e < n else e):
+            if best[s] + c < best[e]:
+                best[e], back[e] = best[s] + c, s
+    if best[n] == inf:  # no split fits (n < lo): one block per hi leaves
+        return [min(s + hi, n) for s in range(0, n, hi)]
+    ends = []
+    e = n
+    while e > 0:
+        ends.append(e)
+        e = back[e]
+    return ends[::-1]
 
 
 def escaping(prog: Program, spans: Sequence[range]) -> list[list[int]]:
