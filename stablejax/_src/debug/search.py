@@ -274,7 +274,9 @@ def search(
     intentional: set[int] = set()
     walks = moves = 0
     while True:
-        codes = sparse.infer(prog, derived, measured, args)
+        codes, unknown = sparse.infer(prog, derived, measured, args)
+        if unknown:  # a division by a non-finite scalar: its code is not known
+            return FALLBACK
         cands, reached, taint = taint_walk(
             prog, spans, esc, codes, arg_taints, arg_kinds, n_known, frozenset(intentional)
         )

@@ -17,10 +17,15 @@ is one of
   ``broadcast_in_dim``, ``squeeze``, ``expand_dims``, ``concatenate``, ``rev``,
   ``copy``, ``neg``, ``abs``, and ``convert_element_type`` to a float type
   whose range holds the operand's): the OR is exact;
-* ``add``, ``sub``, ``mul``, ``add_any``, ``square`` and ``integer_pow`` with a
-  positive exponent: a non-finite operand element always makes a non-finite
-  output element (``nan + x``, ``inf * 0``, ``inf - inf``), but finite operands
-  can overflow to an infinity. The OR then says *finite* for a value that is not.
+* ``add``, ``sub``, ``mul``, ``add_any``, ``square``, ``sqrt`` and
+  ``integer_pow`` with a positive exponent: a non-finite operand element always
+  makes a non-finite output element (``nan + x``, ``inf * 0``, ``inf - inf``,
+  ``sqrt(-inf)``), but finite operands can overflow to an infinity, or leave the
+  domain (``sqrt(-1)``). The OR then says *finite* for a value that is not;
+* ``div`` by a scalar (a literal, a one-element value or a broadcast of one, as
+  optimizers' bias corrections are): while the scalar is finite this is the
+  case above (a zero or tiny divisor makes the birth); a non-finite scalar makes
+  the code unknown (``x / inf`` is 0), and :func:`infer` says so.
 
 and every floating operand is flagged, derived, an argument, a constant or a
 literal. Program outputs are always flagged, so a non-finite output is always
@@ -56,7 +61,7 @@ EXACT = frozenset(
         "abs",
     }
 )
-OVERFLOW = frozenset({"add", "sub", "mul", "add_any", "square"})
+OVERFLOW = frozenset({"add", "sub", "mul", "add_any", "square", "sqrt"})
 
 
 def _widening(eqn: Any) -> bool:
@@ -74,6 +79,8 @@ def derivable(eqn: Any) -> bool:
     name = eqn.primitive.name
     if name in EXACT or name in OVERFLOW:
         return True
+    if name == "div":  # by a scalar: see thin
+        return is_float(eqn.outvars[0].aval)
     if name == "integer_pow":
         return int(eqn.params.get("y", 0)) >= 1
     if name == "convert_element_type":
@@ -85,7 +92,9 @@ def _size(aval: Any) -> int:
     return int(np.prod(aval.shape, dtype=int))
 
 
-def thin(prog: Any, esc: Sequence[Sequence[int]]) -> tuple[list[int], dict[int, list[Any]]]:
+def thin(
+    prog: Any, esc: Sequence[Sequence[int]]
+) -> tuple[list[int], dict[int, tuple[list[Any], Any]]]:
     """The escaping values to flag on device, and the derived ones with their operands.
 
     Args:
@@ -95,16 +104,24 @@ def thin(prog: Any, esc: Sequence[Sequence[int]]) -> tuple[list[int], dict[int, 
     Returns:
       ``(flagged, derived)``: the value ids to flag, in ``esc``'s order, and per
       derived value id (escaping or not, in execution order) its floating
-      operands (value ids or ``("lit", value)``).
+      operands (value ids or ``("lit", value)``) and, for a ``div``, its
+      divisor (else ``None``).
     """
     escaping = {i for e in esc for i in e}
     outputs = {i for i in prog.outputs if not isinstance(i, tuple)}
     known: set[int] = set(range(prog.n_args)) | set(prog.consts)
-    derived: dict[int, list[Any]] = {}
+    derived: dict[int, tuple[list[Any], Any]] = {}
+    scalar: set[int] = set()  # one element, or a broadcast of one
     for leaf in prog.leaves:
         eqn = leaf.eqn
+        name = eqn.primitive.name
         ok = not leaf.region and derivable(eqn)
         ops: list[Any] = []
+        den = leaf.ins[1] if name == "div" else None
+        if name == "div" and not (
+            isinstance(den, tuple) or den in scalar or _size(eqn.invars[1].aval) == 1
+        ):
+            ok = False
         if ok:
             for v, i in zip(eqn.invars, leaf.ins):
                 if not is_float(v.aval) or not _size(v.aval):
@@ -114,10 +131,16 @@ def thin(prog: Any, esc: Sequence[Sequence[int]]) -> tuple[list[int], dict[int, 
                     break
                 ops.append(i)
         for v, o in zip(eqn.outvars, leaf.outs):
-            if o is None or not is_float(v.aval):
+            if o is None:
+                continue
+            if _size(v.aval) == 1 or (
+                name == "broadcast_in_dim" and _size(eqn.invars[0].aval) == 1
+            ):
+                scalar.add(o)
+            if not is_float(v.aval):
                 continue
             if ok and o not in outputs:
-                derived[o] = ops
+                derived[o] = (ops, den)
                 known.add(o)
             elif o in escaping or not _size(v.aval):
                 known.add(o)
@@ -127,12 +150,17 @@ def thin(prog: Any, esc: Sequence[Sequence[int]]) -> tuple[list[int], dict[int, 
 
 def infer(
     prog: Any,
-    derived: Mapping[int, Sequence[Any]],
+    derived: Mapping[int, tuple[Sequence[Any], Any]],
     measured: Mapping[int, int],
     args: Sequence[Any],
-) -> dict[int, int]:
-    """Every code: the measured ones, and each derived value's as the OR of its operands'."""
+) -> tuple[dict[int, int], list[int]]:
+    """Every code: the measured ones, and each derived value's as the OR of its operands'.
+
+    Returns the codes and the derived values whose code is unknown (a ``div`` by
+    a non-finite scalar); those are given the code 1.
+    """
     codes: dict[int, int] = dict(measured)
+    unknown: list[int] = []
     cache: dict[int, int] = {}
 
     def code(i: Any) -> int:
@@ -150,7 +178,9 @@ def infer(
             cache[i] = int(is_float(val) and nonfinite_kind(val) is not None)
         return cache[i]
 
-    for o, ops in derived.items():
+    for o, (ops, den) in derived.items():
         if o not in codes:
             codes[o] = max((code(i) for i in ops), default=0)
-    return codes
+            if den is not None and code(den):
+                unknown.append(o)
+    return codes, unknown
