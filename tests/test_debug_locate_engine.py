@@ -379,3 +379,34 @@ def test_cuts_keep_block_lengths_and_cross_fewer_values(tiny, monkeypatch):
 
     n_cut, n_fixed = short_flags(spans), short_flags(compiled.blocks(prog, 24))
     assert n_cut < n_fixed, (n_cut, n_fixed)
+
+
+def test_block_walk_reads_the_compiled_outputs(tiny, no_full_walk, monkeypatch):
+    # The chosen block's leaves run in values_of's compiled program: the walker
+    # binds none of them again (no compile per primitive), and the answer holds.
+    monkeypatch.setattr(compiled, "SMALL", 0)
+    monkeypatch.setattr(compiled, "BLOCK", 24)
+    calls = []
+    real = interpreter.bind_equation
+
+    def counted(eqn, vals):
+        calls.append(eqn.primitive.name)
+        return real(eqn, vals)
+
+    monkeypatch.setattr(interpreter, "bind_equation", counted)
+    step, args = tiny
+    r = locate(step)(*args)
+    want = ("div", "Tiny/Block_1", line("qknorm"), "sqrt")
+    assert (r.primitive, r.module, r.source, r.op) == want
+    assert calls == []
+    monkeypatch.setattr(search.compiled, "values_of", _without_block(compiled.values_of))
+    again = locate(step)(*args)  # bound eagerly: the same report
+    assert calls and _fields(again) == _fields(r)
+    assert [s.to_dict() for s in again.inputs] == [s.to_dict() for s in r.inputs]
+
+
+def _without_block(values_of):
+    def run(prog, args, ids, upto, run_callbacks, block=None):
+        return values_of(prog, args, ids, upto, run_callbacks), None
+
+    return run

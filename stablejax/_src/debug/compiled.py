@@ -373,10 +373,25 @@ def flag_values(
 
 
 def values_of(
-    prog: Program, args: Sequence[Any], ids: Sequence[int], upto: int, run_callbacks: bool
-) -> dict[int, Any]:
-    """The values ``ids`` (made before leaf ``upto``), from a compiled dead-code-free prefix."""
+    prog: Program,
+    args: Sequence[Any],
+    ids: Sequence[int],
+    upto: int,
+    run_callbacks: bool,
+    block: range | None = None,
+) -> Any:
+    """The values ``ids`` (made before leaf ``upto``), from a compiled dead-code-free prefix.
+
+    With ``block``, the same compiled program also runs the leaves of ``block``
+    (which starts at ``upto``) and the answer is ``(values, outs)``, ``outs``
+    mapping each leaf index of ``block`` to its outputs: the walker then reads
+    them instead of compiling each primitive of the block on its own.
+    """
+    span = list(block) if block is not None else []
+    made_in = {o for k in span for o in prog.leaves[k].outs if o is not None}
     need = set(ids)
+    for k in span:  # the block's operands made before it: the prefix makes them too
+        need.update(i for i in prog.leaves[k].ins if not isinstance(i, tuple) and i not in made_in)
     keep: list[int] = []
     for k in range(upto - 1, -1, -1):
         leaf = prog.leaves[k]
@@ -397,13 +412,28 @@ def values_of(
             for o, val in zip(leaf.outs, _bind_leaf(leaf, vals, run_callbacks)):
                 if o is not None:
                     env[o] = val
-        return [env[i] for i in made]
+        picked = [env[i] for i in made]
+        outs = []
+        for k in span:
+            leaf = prog.leaves[k]
+            vals = [i[1] if isinstance(i, tuple) else env[i] for i in leaf.ins]
+            outs.append(_bind_leaf(leaf, vals, run_callbacks))
+            for o, val in zip(leaf.outs, outs[-1]):
+                if o is not None:
+                    env[o] = val
+        return picked, outs
 
     call_args = ([args[i] for i in arg_ids], [prog.consts[i] for i in const_ids])
-    out = dict(zip(made, codes.compile_once(body, *call_args)(*call_args))) if made else {}
+    if made or span:
+        picked, outs = codes.compile_once(body, *call_args)(*call_args)
+    else:
+        picked, outs = [], []
+    out = dict(zip(made, picked))
     for i in ids:
         if i < prog.n_args:
             out[i] = args[i]
         elif i in prog.consts:
             out[i] = prog.consts[i]
-    return out
+    if block is None:
+        return out
+    return out, {k: list(o) for k, o in zip(span, outs)}

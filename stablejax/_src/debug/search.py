@@ -24,7 +24,7 @@ from jax.extend import core as jcore
 
 from stablejax._src.debug import compiled, sparse
 from stablejax._src.debug import phase as phase_labels
-from stablejax._src.debug.interpreter import INTENTIONAL, Walker
+from stablejax._src.debug.interpreter import CALL_PARAMS, INTENTIONAL, Walker
 from stablejax._src.debug.source import traceback_frames
 from stablejax._src.debug.values import Origin, is_float, nonfinite_kind
 
@@ -111,8 +111,14 @@ def walk_block(
     span: range,
     env: dict[int, Any],
     taint: dict[int, int | None],
+    given: dict[int, list[Any]] | None = None,
 ) -> None:
-    """Evaluates the leaves of ``span`` eagerly with the walker (exact taints inside)."""
+    """Evaluates the leaves of ``span`` with the walker (exact taints inside).
+
+    ``given`` maps a leaf index to its outputs, computed already
+    (:func:`compiled.values_of`): those leaves are not bound again, except
+    regions and calls, whose bodies the walker enters.
+    """
     last: dict[int, int] = {}
     for k in span:
         for i in prog.leaves[k].ins:
@@ -126,9 +132,14 @@ def walk_block(
         for v, p in zip(eqn.invars, leaf.producers):
             if p is not None and not isinstance(v, jcore.Literal):
                 walker._producer[v] = p
-        outs, out_t = walker._eqn(
-            eqn, invals, in_t, leaf.site, leaf.phase, leaf.out_flags, leaf.in_grad, leaf.label
-        )
+        if given is not None and not leaf.region and eqn.primitive.name not in CALL_PARAMS:
+            walker.given = given[k]
+        try:
+            outs, out_t = walker._eqn(
+                eqn, invals, in_t, leaf.site, leaf.phase, leaf.out_flags, leaf.in_grad, leaf.label
+            )
+        finally:
+            walker.given = None
         for o, val, t in zip(leaf.outs, outs, out_t):
             if o is not None:
                 env[o], taint[o] = val, t
@@ -300,7 +311,9 @@ def search(
         needed = sorted(
             {i for k in span for i in prog.leaves[k].ins if not isinstance(i, tuple)} - made
         )
-        env = compiled.values_of(prog, args, needed, span.start, walker.run_callbacks)
+        env, given = compiled.values_of(
+            prog, args, needed, span.start, walker.run_callbacks, block=span
+        )
         block_taint = {i: (INTENTIONAL if taint.get(i) == INTENTIONAL else None) for i in needed}
         wrong = [
             i
@@ -320,7 +333,7 @@ def search(
             return FALLBACK
         trial = Walker(walker.run_callbacks)
         trial.origins = list(walker.origins)
-        walk_block(trial, prog, span, dict(env), dict(block_taint))
+        walk_block(trial, prog, span, dict(env), dict(block_taint), given)
         if len(trial.origins) > n_known:
             break
         walks += 1
@@ -330,7 +343,7 @@ def search(
     del trial
     base = len(walker.origins)
     _remember_upto(walker, prog, span.start - 1)
-    walk_block(walker, prog, span, env, block_taint)
+    walk_block(walker, prog, span, env, block_taint, given)
     walker.skipped_callbacks = prog.callbacks if not walker.run_callbacks else 0
     out_t = {block_taint.get(i) for i in esc[first[1]] if codes.get(i)}
     inner = sorted(t for t in out_t if t is not None and t >= base)
