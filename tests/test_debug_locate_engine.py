@@ -249,6 +249,9 @@ def test_flags_see_a_nan_in_a_large_value():
 def test_thinning_drops_flags_and_keeps_the_answer(tiny, no_full_walk, monkeypatch):
     from stablejax._src.debug import sparse
 
+    monkeypatch.setattr(compiled, "SMALL", 0)  # a large program's rule: births inferred
+    monkeypatch.setattr(compiled, "BLOCK", 24)
+
     step, args = tiny
     closed = jax.make_jaxpr(step)(*args)
     w = interpreter.Walker()
@@ -266,15 +269,27 @@ def test_thinning_drops_flags_and_keeps_the_answer(tiny, no_full_walk, monkeypat
     inferred, unknown = sparse.infer(prog, derived, thin, list(jax.tree.leaves(args)))
     assert not unknown
     assert any(measured.values())
-    assert {i: inferred[i] for i in every} == measured
+    # Inferred codes err only where a value is born non-finite from finite
+    # operands (here the QK-norm's division by zero): never a finite value called bad.
+    wrong = {i for i in every if inferred[i] != measured[i]}
+    assert all(measured[i] and i in derived for i in wrong), wrong
+    assert len(wrong) <= 2
     thinned = locate(step)(*args)
-    monkeypatch.setattr(sparse, "thin", lambda prog, esc: ([i for e in esc for i in e], {}))
+    every_flag = lambda prog, esc, births=True: ([i for e in esc for i in e], {})  # noqa: E731
+    monkeypatch.setattr(sparse, "thin", every_flag)
     dense = locate(step)(*args)
     assert _fields(thinned) == _fields(dense)
     assert [s.to_dict() for s in thinned.inputs] == [s.to_dict() for s in dense.inputs]
 
 
-def test_birth_on_an_unflagged_chain(no_full_walk, monkeypatch):
+@pytest.fixture
+def blocks_of_two(monkeypatch):
+    """A small program thinned as a large one is: blocks of 1-2 leaves, births inferred."""
+    monkeypatch.setattr(compiled, "SMALL", 0)
+    monkeypatch.setattr(compiled, "BLOCK", 2)
+
+
+def test_birth_on_an_unflagged_chain(no_full_walk, blocks_of_two, monkeypatch):
     # x + x overflows to Inf from finite operands: an add of an argument, so its
     # code is inferred (finite) and not flagged; sin(Inf) is NaN and flagged. The
     # search must move from sin's block to the add's.
@@ -320,7 +335,7 @@ def test_derivable_rule():
     assert sparse.derivable(eqn_of(lambda a: a**2, x))
 
 
-def test_birth_by_sqrt_on_an_unflagged_chain(no_full_walk):
+def test_birth_by_sqrt_on_an_unflagged_chain(no_full_walk, blocks_of_two):
     def g(x):
         root = jnp.sqrt(x - 2.0)  # L:sqrtbirth
         return jnp.sum(jnp.exp(root.T))
@@ -329,7 +344,7 @@ def test_birth_by_sqrt_on_an_unflagged_chain(no_full_walk):
     assert (r.primitive, r.kind, r.source) == ("sqrt", "nan", line("sqrtbirth")), str(r)
 
 
-def test_division_by_a_nonfinite_scalar_is_not_inferred():
+def test_division_by_a_nonfinite_value_is_measured(no_full_walk, blocks_of_two):
     from stablejax._src.debug import sparse
 
     def h(x, s):
@@ -348,8 +363,19 @@ def test_division_by_a_nonfinite_scalar_is_not_inferred():
     assert unknown == divs  # x / inf is 0: the OR (1) is not the code
     _, unknown = sparse.infer(prog, derived, measured, [x, jnp.float32(2.0)])
     assert not unknown
-    r = locate(jax.jit(h))(x, s)  # the full walk answers: s came in non-finite
-    assert r.primitive is None and r.kind == "inf", str(r)
+    r = locate(jax.jit(h))(x, s)  # measured: x / s is finite; s came in non-finite
+    assert r.primitive is None and r.kind == "inf" and not r.reaches_output, str(r)
+    # A finite numerator over a tensor holding an Inf: x / inf is 0, the sin
+    # of it finite; the NaN born later (log of -1) is the one that reaches.
+
+    def h2(x, y):
+        q = x / jnp.exp(y)
+        return jnp.sum(jnp.sin(q) + jnp.log(x - 2.0))  # L:logbirth
+
+    y = jnp.array([1.0, 1e3, 1.0, 1.0])  # exp(1e3) is Inf: born there, masked by x / inf
+    r = locate(jax.jit(h2))(x, y)
+    assert (r.primitive, r.kind, r.source) == ("log", "nan", line("logbirth")), str(r)
+    assert r.reaches_output
 
 
 def test_cuts_keep_block_lengths_and_cross_fewer_values(tiny, monkeypatch):
@@ -410,3 +436,26 @@ def _without_block(values_of):
         return values_of(prog, args, ids, upto, run_callbacks), None
 
     return run
+
+
+def test_small_program_infers_no_births():
+    # Up to compiled.SMALL leaves every value is flagged, so that a NaN born and
+    # masked is seen: only moves and copies are inferred there.
+    from stablejax._src.debug import sparse
+
+    def f(x):
+        r = jnp.sum(x) / jnp.sum(x * 0.0)  # 0/0, masked below
+        return jnp.reshape(x * 2.0, (2, 2)).T + jnp.where(jnp.isfinite(r), r, 0.0)
+
+    closed = jax.make_jaxpr(f)(jnp.ones(4))
+    w = interpreter.Walker()
+    prog = compiled.flatten(w, closed, interpreter.CALL_PARAMS, w.root_site())
+    esc = compiled.escaping(prog, compiled.blocks(prog))
+    names = {o: leaf.eqn.primitive.name for leaf in prog.leaves for o in leaf.outs}
+    _, derived = sparse.thin(prog, esc, births=False)
+    small = {names[o] for o in derived}
+    assert "reshape" in small and small <= sparse.EXACT | {"convert_element_type"}, small
+    _, derived = sparse.thin(prog, esc)
+    assert {"div", "mul", "reshape"} <= {names[o] for o in derived}
+    r = locate(jax.jit(f))(jnp.ones(4))
+    assert r.primitive == "div" and not r.reaches_output and r.origins == 1, str(r)

@@ -277,7 +277,7 @@ def search(
     n_known = len(walker.origins)  # arguments, then NaN constants
     spans = compiled.blocks(prog)
     esc = compiled.escaping(prog, spans)
-    flagged, derived = sparse.thin(prog, esc)
+    flagged, derived = sparse.thin(prog, esc, births=len(prog.leaves) > compiled.SMALL)
     measured = compiled.flag_values(prog, args, walker.run_callbacks, flagged)
     arg_kinds = [nonfinite_kind(a) if is_float(a) else None for a in args]
     has_regions = any(leaf.region for leaf in prog.leaves)
@@ -286,8 +286,9 @@ def search(
     walks = moves = 0
     while True:
         codes, unknown = sparse.infer(prog, derived, measured, args)
-        if unknown:  # a division by a non-finite scalar: its code is not known
-            return FALLBACK
+        if unknown:  # finite over non-finite: those codes are measured, on device
+            measured.update(compiled.flag_values(prog, args, walker.run_callbacks, unknown))
+            continue
         cands, reached, taint = taint_walk(
             prog, spans, esc, codes, arg_taints, arg_kinds, n_known, frozenset(intentional)
         )

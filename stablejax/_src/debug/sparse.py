@@ -22,15 +22,21 @@ is one of
   makes a non-finite output element (``nan + x``, ``inf * 0``, ``inf - inf``,
   ``sqrt(-inf)``), but finite operands can overflow to an infinity, or leave the
   domain (``sqrt(-1)``). The OR then says *finite* for a value that is not;
-* ``div`` by a scalar (a literal, a one-element value or a broadcast of one, as
-  optimizers' bias corrections are): while the scalar is finite this is the
-  case above (a zero or tiny divisor makes the birth); a non-finite scalar makes
-  the code unknown (``x / inf`` is 0), and :func:`infer` says so.
+* ``div``: a non-finite numerator element always makes a non-finite output
+  element (``nan / y``, ``inf / inf``, ``inf / 0``) and finite operands make a
+  finite one but for a zero or tiny divisor (the birth, as above); only a
+  finite numerator over a non-finite divisor is undecided (``x / inf`` is 0).
+  :func:`infer` lists those values, and the search flags them on device.
 
 and every floating operand is flagged, derived, an argument, a constant or a
-literal. Program outputs are always flagged, so a non-finite output is always
-seen. An overflow born in a derived value is caught by :func:`search.search`:
-the block the taint walk chooses is evaluated eagerly with its real operands,
+literal. A program small enough to flag every value (``compiled.SMALL``) infers
+only the first kind: a NaN born and masked anywhere in it is still seen; in a
+larger one, a NaN born in a derived value and masked before any flagged value
+is not (as one born and masked inside a block).
+
+Program outputs are always flagged, so a non-finite output is always seen. A
+NaN or Inf born in a derived value is caught by :func:`search.search`: the
+block the taint walk chooses is evaluated with its real operands,
 and a non-finite operand whose inferred code said finite moves the search to
 the block that made it (its code is then taken as measured), until the block
 holding the birth is reached.
@@ -74,17 +80,25 @@ def _widening(eqn: Any) -> bool:
     return float(jnp.finfo(dst).max) >= float(jnp.finfo(src).max)
 
 
-def derivable(eqn: Any) -> bool:
-    """Whether the finiteness of ``eqn``'s outputs is the OR of its operands' (see module)."""
+def derivable(eqn: Any, births: bool = True) -> bool:
+    """Whether the finiteness of ``eqn``'s outputs is the OR of its operands' (see module).
+
+    With ``births=False``, only the operations that cannot make a non-finite value
+    from finite operands (moves, copies, widening converts) qualify.
+    """
     name = eqn.primitive.name
-    if name in EXACT or name in OVERFLOW:
+    if name in EXACT:
         return True
-    if name == "div":  # by a scalar: see thin
+    if name == "convert_element_type":
+        return _widening(eqn)
+    if not births:
+        return False
+    if name in OVERFLOW:
+        return True
+    if name == "div":
         return is_float(eqn.outvars[0].aval)
     if name == "integer_pow":
         return int(eqn.params.get("y", 0)) >= 1
-    if name == "convert_element_type":
-        return _widening(eqn)
     return False
 
 
@@ -93,35 +107,34 @@ def _size(aval: Any) -> int:
 
 
 def thin(
-    prog: Any, esc: Sequence[Sequence[int]]
+    prog: Any, esc: Sequence[Sequence[int]], births: bool = True
 ) -> tuple[list[int], dict[int, tuple[list[Any], Any]]]:
     """The escaping values to flag on device, and the derived ones with their operands.
 
     Args:
       prog: a flattened :class:`compiled.Program`.
       esc: per block, the floating values it passes on (:func:`compiled.escaping`).
+      births: whether operations that can make a non-finite value from finite
+        operands are inferred too (see :func:`derivable`). A small program, where
+        every value is flagged so that a NaN born and masked is seen too, is
+        thinned without them.
 
     Returns:
       ``(flagged, derived)``: the value ids to flag, in ``esc``'s order, and per
       derived value id (escaping or not, in execution order) its floating
       operands (value ids or ``("lit", value)``) and, for a ``div``, its
-      divisor (else ``None``).
+      ``(numerator, divisor)`` (else ``None``).
     """
     escaping = {i for e in esc for i in e}
     outputs = {i for i in prog.outputs if not isinstance(i, tuple)}
     known: set[int] = set(range(prog.n_args)) | set(prog.consts)
     derived: dict[int, tuple[list[Any], Any]] = {}
-    scalar: set[int] = set()  # one element, or a broadcast of one
     for leaf in prog.leaves:
         eqn = leaf.eqn
         name = eqn.primitive.name
-        ok = not leaf.region and derivable(eqn)
+        ok = not leaf.region and derivable(eqn, births)
         ops: list[Any] = []
-        den = leaf.ins[1] if name == "div" else None
-        if name == "div" and not (
-            isinstance(den, tuple) or den in scalar or _size(eqn.invars[1].aval) == 1
-        ):
-            ok = False
+        den = (leaf.ins[0], leaf.ins[1]) if name == "div" else None
         if ok:
             for v, i in zip(eqn.invars, leaf.ins):
                 if not is_float(v.aval) or not _size(v.aval):
@@ -133,10 +146,6 @@ def thin(
         for v, o in zip(eqn.outvars, leaf.outs):
             if o is None:
                 continue
-            if _size(v.aval) == 1 or (
-                name == "broadcast_in_dim" and _size(eqn.invars[0].aval) == 1
-            ):
-                scalar.add(o)
             if not is_float(v.aval):
                 continue
             if ok and o not in outputs:
@@ -156,8 +165,8 @@ def infer(
 ) -> tuple[dict[int, int], list[int]]:
     """Every code: the measured ones, and each derived value's as the OR of its operands'.
 
-    Returns the codes and the derived values whose code is unknown (a ``div`` by
-    a non-finite scalar); those are given the code 1.
+    Returns the codes and the derived values whose code is undecided (a ``div``
+    of a finite numerator by a non-finite divisor); those are given the code 1.
     """
     codes: dict[int, int] = dict(measured)
     unknown: list[int] = []
@@ -181,6 +190,6 @@ def infer(
     for o, (ops, den) in derived.items():
         if o not in codes:
             codes[o] = max((code(i) for i in ops), default=0)
-            if den is not None and code(den):
+            if den is not None and code(den[1]) and not code(den[0]):
                 unknown.append(o)
     return codes, unknown
