@@ -10,15 +10,20 @@ equation. ``locate`` first runs this pass instead:
    would give it. Control flow and mapped bodies (``scan``, ``while``,
    ``cond``, ``shard_map``, ``pmap``) stay whole: they are *regions*.
 2. :func:`flag_values` evaluates that list once, compiled, and returns per
-   flagged floating value a code (1 holds a NaN or an Inf, 0 finite). The masks
-   of a run of leaves are reduced together in one fused reduction
+   flagged floating value a code (1 holds a NaN or an Inf, 0 finite). Only the
+   values a block passes on are candidates (:func:`blocks` cuts where few
+   short-lived values cross), and of those, the ones whose code follows from
+   their operands' are not flagged but inferred on the host (:mod:`sparse`).
+   The masks of a run of leaves are reduced together in one fused reduction
    (:mod:`codes`); only those small vectors leave the device.
 3. :func:`taint_walk` replays the walker's rules on the host from the codes
    alone: an origin is a leaf whose output is flagged while no input carries a
    taint; taints flow to outputs; the origins that reach an output are known.
-4. :func:`values_at` compiles the part of the program the chosen leaf depends on
-   (dead-code eliminated) and returns its operands, so only that equation (or
-   region) is evaluated eagerly, with every statistic of the report.
+4. :func:`values_of` compiles the part of the program the chosen block depends
+   on (dead-code eliminated) with the block itself, and returns the block's
+   operands and its leaves' outputs, so the walker reads, rather than compiles,
+   each equation of that block (regions excepted), with every statistic of the
+   report.
 
 ``io_callback`` equations are not run in this pass unless asked: their outputs
 are zeros of the right shape (the report says so).

@@ -9,6 +9,11 @@ all when a mask hid every one). Only then is a value computed: the operands of
 that one equation, or of the region (``scan``, ``while``, ``cond``,
 ``shard_map``, ``pmap``) holding it, which the walker then evaluates eagerly.
 
+Codes inferred on the host (:mod:`sparse`) can call finite a value born
+non-finite from finite operands (an overflow, a division by zero, ``sqrt`` of a
+negative); the chosen block then shows such an operand, its code is taken as
+measured and the search moves to the block that made it.
+
 The answer is :data:`FALLBACK` when the codes cannot decide: no flagged output
 reaches an output while the program has regions (a masked NaN inside a loop
 body leaves no trace outside it), or the region's walk finds nothing.
