@@ -241,3 +241,221 @@ def test_flags_see_a_nan_in_a_large_value():
     assert (r.primitive, r.kind, r.source, r.category, r.rows) == (
         "log", "nan", line("widelog"), "forward_singularity", None
     ), str(r)
+
+
+# ------------------------------------------------- fewer flags: codes inferred on the host
+
+
+def test_thinning_drops_flags_and_keeps_the_answer(tiny, no_full_walk, monkeypatch):
+    from stablejax._src.debug import sparse
+
+    monkeypatch.setattr(compiled, "SMALL", 0)  # a large program's rule: births inferred
+    monkeypatch.setattr(compiled, "BLOCK", 24)
+
+    step, args = tiny
+    closed = jax.make_jaxpr(step)(*args)
+    w = interpreter.Walker()
+    prog = compiled.flatten(w, closed, interpreter.CALL_PARAMS, w.root_site())
+    spans = compiled.blocks(prog)
+    esc = compiled.escaping(prog, spans)
+    flagged, derived = sparse.thin(prog, esc)
+    every = [i for e in esc for i in e]
+    assert len(flagged) < 0.8 * len(every), (len(flagged), len(every))
+    outputs = {i for i in prog.outputs if not isinstance(i, tuple)}
+    assert outputs & set(every) <= set(flagged)  # outputs are always flagged
+    # The inferred codes are the measured ones.
+    measured = compiled.flag_values(prog, list(jax.tree.leaves(args)), False, every)
+    thin = compiled.flag_values(prog, list(jax.tree.leaves(args)), False, flagged)
+    inferred, unknown = sparse.infer(prog, derived, thin, list(jax.tree.leaves(args)))
+    assert not unknown
+    assert any(measured.values())
+    # Inferred codes err only where a value is born non-finite from finite
+    # operands (here the QK-norm's division by zero): never a finite value called bad.
+    wrong = {i for i in every if inferred[i] != measured[i]}
+    assert all(measured[i] and i in derived for i in wrong), wrong
+    assert len(wrong) <= 2
+    thinned = locate(step)(*args)
+    every_flag = lambda prog, esc, births=True: ([i for e in esc for i in e], {})  # noqa: E731
+    monkeypatch.setattr(sparse, "thin", every_flag)
+    dense = locate(step)(*args)
+    assert _fields(thinned) == _fields(dense)
+    assert [s.to_dict() for s in thinned.inputs] == [s.to_dict() for s in dense.inputs]
+
+
+@pytest.fixture
+def blocks_of_two(monkeypatch):
+    """A small program thinned as a large one is: blocks of 1-2 leaves, births inferred."""
+    monkeypatch.setattr(compiled, "SMALL", 0)
+    monkeypatch.setattr(compiled, "BLOCK", 2)
+
+
+def test_birth_on_an_unflagged_chain(no_full_walk, blocks_of_two, monkeypatch):
+    # x + x overflows to Inf from finite operands: an add of an argument, so its
+    # code is inferred (finite) and not flagged; sin(Inf) is NaN and flagged. The
+    # search must move from sin's block to the add's.
+    from stablejax._src.debug import sparse
+
+    def f(x, y):
+        big = x + x  # L:overflow
+        twice = jnp.reshape(big, (2, 2)) * 2.0
+        return jnp.sum(jnp.sin(twice) * y)
+
+    x = jnp.full((4,), 3e38, jnp.float32)
+    y = jnp.ones((2, 2))
+    closed = jax.make_jaxpr(f)(x, y)
+    w = interpreter.Walker()
+    prog = compiled.flatten(w, closed, interpreter.CALL_PARAMS, w.root_site())
+    esc = compiled.escaping(prog, compiled.blocks(prog))
+    flagged, derived = sparse.thin(prog, esc)
+    adds = [o for leaf in prog.leaves if leaf.eqn.primitive.name == "add" for o in leaf.outs]
+    assert adds and all(o in derived and o not in flagged for o in adds)
+    r = locate(jax.jit(f))(x, y)
+    assert (r.primitive, r.kind, r.source) == ("add", "inf", line("overflow")), str(r)
+    assert r.reaches_output
+    # Without the move, the block chosen first (sin's) shows an operand the codes
+    # called finite: the search gives up on the compiled pass.
+    monkeypatch.setattr(search, "_MAX_MOVES", 0)
+    with pytest.raises(AssertionError, match="walked the whole program"):
+        locate(jax.jit(f))(x, y)
+
+
+def test_derivable_rule():
+    from stablejax._src.debug import sparse
+
+    def eqn_of(fn, *args):
+        return jax.make_jaxpr(fn)(*args).jaxpr.eqns[0]
+
+    x = jnp.ones(3, jnp.float32)
+    assert sparse.derivable(eqn_of(lambda a: a.reshape(3, 1), x))
+    assert sparse.derivable(eqn_of(lambda a: a.astype(jnp.float32), x.astype(jnp.bfloat16)))
+    assert not sparse.derivable(eqn_of(lambda a: a.astype(jnp.bfloat16), x))  # may overflow
+    assert not sparse.derivable(eqn_of(lambda a: a.astype(jnp.float16), x))
+    assert not sparse.derivable(eqn_of(lambda a: a[:2], x))  # a slice can drop the NaN
+    assert not sparse.derivable(eqn_of(lambda a: a**-1, x))
+    assert sparse.derivable(eqn_of(lambda a: a**2, x))
+
+
+def test_birth_by_sqrt_on_an_unflagged_chain(no_full_walk, blocks_of_two):
+    def g(x):
+        root = jnp.sqrt(x - 2.0)  # L:sqrtbirth
+        return jnp.sum(jnp.exp(root.T))
+
+    r = locate(jax.jit(g))(jnp.ones((3, 2)))
+    assert (r.primitive, r.kind, r.source) == ("sqrt", "nan", line("sqrtbirth")), str(r)
+
+
+def test_division_by_a_nonfinite_value_is_measured(no_full_walk, blocks_of_two):
+    from stablejax._src.debug import sparse
+
+    def h(x, s):
+        return jnp.sum(jnp.sin(x / s) * x)
+
+    x, s = jnp.ones(4), jnp.float32(jnp.inf)
+    closed = jax.make_jaxpr(h)(x, s)
+    w = interpreter.Walker()
+    prog = compiled.flatten(w, closed, interpreter.CALL_PARAMS, w.root_site())
+    esc = compiled.escaping(prog, compiled.blocks(prog))
+    flagged, derived = sparse.thin(prog, esc)
+    divs = [o for leaf in prog.leaves if leaf.eqn.primitive.name == "div" for o in leaf.outs]
+    assert divs and all(o in derived for o in divs)
+    measured = compiled.flag_values(prog, [x, s], False, flagged)
+    codes, unknown = sparse.infer(prog, derived, measured, [x, s])
+    assert unknown == divs  # x / inf is 0: the OR (1) is not the code
+    _, unknown = sparse.infer(prog, derived, measured, [x, jnp.float32(2.0)])
+    assert not unknown
+    r = locate(jax.jit(h))(x, s)  # measured: x / s is finite; s came in non-finite
+    assert r.primitive is None and r.kind == "inf" and not r.reaches_output, str(r)
+    # A finite numerator over a tensor holding an Inf: x / inf is 0, the sin
+    # of it finite; the NaN born later (log of -1) is the one that reaches.
+
+    def h2(x, y):
+        q = x / jnp.exp(y)
+        return jnp.sum(jnp.sin(q) + jnp.log(x - 2.0))  # L:logbirth
+
+    y = jnp.array([1.0, 1e3, 1.0, 1.0])  # exp(1e3) is Inf: born there, masked by x / inf
+    r = locate(jax.jit(h2))(x, y)
+    assert (r.primitive, r.kind, r.source) == ("log", "nan", line("logbirth")), str(r)
+    assert r.reaches_output
+
+
+def test_cuts_keep_block_lengths_and_cross_fewer_values(tiny, monkeypatch):
+    monkeypatch.setattr(compiled, "SMALL", 0)
+    monkeypatch.setattr(compiled, "BLOCK", 24)
+    step, args = tiny
+    closed = jax.make_jaxpr(step)(*args)
+    w = interpreter.Walker()
+    prog = compiled.flatten(w, closed, interpreter.CALL_PARAMS, w.root_site())
+    spans = compiled.blocks(prog)
+    assert spans[0].start == 0 and spans[-1].stop == len(prog.leaves)
+    assert all(a.stop == b.start for a, b in zip(spans, spans[1:]))
+    assert all(12 <= len(s) <= 24 for s in spans[:-1]) and 1 <= len(spans[-1]) <= 24
+    from stablejax._src.debug import sparse
+
+    made, last = {}, {}
+    for k, leaf in enumerate(prog.leaves):
+        for i in leaf.ins:
+            if not isinstance(i, tuple):
+                last[i] = k
+        if not sparse.derivable(leaf.eqn):
+            made.update((o, k) for o in leaf.outs if o is not None)
+
+    def short_flags(spans):  # what the cuts minimize: short-lived values flagged
+        esc = compiled.escaping(prog, spans)
+        return sum(1 for e in esc for i in e if i in made and last.get(i, 0) - made[i] < 96)
+
+    n_cut, n_fixed = short_flags(spans), short_flags(compiled.blocks(prog, 24))
+    assert n_cut < n_fixed, (n_cut, n_fixed)
+
+
+def test_block_walk_reads_the_compiled_outputs(tiny, no_full_walk, monkeypatch):
+    # The chosen block's leaves run in values_of's compiled program: the walker
+    # binds none of them again (no compile per primitive), and the answer holds.
+    monkeypatch.setattr(compiled, "SMALL", 0)
+    monkeypatch.setattr(compiled, "BLOCK", 24)
+    calls = []
+    real = interpreter.bind_equation
+
+    def counted(eqn, vals):
+        calls.append(eqn.primitive.name)
+        return real(eqn, vals)
+
+    monkeypatch.setattr(interpreter, "bind_equation", counted)
+    step, args = tiny
+    r = locate(step)(*args)
+    want = ("div", "Tiny/Block_1", line("qknorm"), "sqrt")
+    assert (r.primitive, r.module, r.source, r.op) == want
+    assert calls == []
+    monkeypatch.setattr(search.compiled, "values_of", _without_block(compiled.values_of))
+    again = locate(step)(*args)  # bound eagerly: the same report
+    assert calls and _fields(again) == _fields(r)
+    assert [s.to_dict() for s in again.inputs] == [s.to_dict() for s in r.inputs]
+
+
+def _without_block(values_of):
+    def run(prog, args, ids, upto, run_callbacks, block=None):
+        return values_of(prog, args, ids, upto, run_callbacks), None
+
+    return run
+
+
+def test_small_program_infers_no_births():
+    # Up to compiled.SMALL leaves every value is flagged, so that a NaN born and
+    # masked is seen: only moves and copies are inferred there.
+    from stablejax._src.debug import sparse
+
+    def f(x):
+        r = jnp.sum(x) / jnp.sum(x * 0.0)  # 0/0, masked below
+        return jnp.reshape(x * 2.0, (2, 2)).T + jnp.where(jnp.isfinite(r), r, 0.0)
+
+    closed = jax.make_jaxpr(f)(jnp.ones(4))
+    w = interpreter.Walker()
+    prog = compiled.flatten(w, closed, interpreter.CALL_PARAMS, w.root_site())
+    esc = compiled.escaping(prog, compiled.blocks(prog))
+    names = {o: leaf.eqn.primitive.name for leaf in prog.leaves for o in leaf.outs}
+    _, derived = sparse.thin(prog, esc, births=False)
+    small = {names[o] for o in derived}
+    assert "reshape" in small and small <= sparse.EXACT | {"convert_element_type"}, small
+    _, derived = sparse.thin(prog, esc)
+    assert {"div", "mul", "reshape"} <= {names[o] for o in derived}
+    r = locate(jax.jit(f))(jnp.ones(4))
+    assert r.primitive == "div" and not r.reaches_output and r.origins == 1, str(r)

@@ -10,15 +10,20 @@ equation. ``locate`` first runs this pass instead:
    would give it. Control flow and mapped bodies (``scan``, ``while``,
    ``cond``, ``shard_map``, ``pmap``) stay whole: they are *regions*.
 2. :func:`flag_values` evaluates that list once, compiled, and returns per
-   flagged floating value a code (1 holds a NaN or an Inf, 0 finite). The masks
-   of a run of leaves are reduced together in one fused reduction
+   flagged floating value a code (1 holds a NaN or an Inf, 0 finite). Only the
+   values a block passes on are candidates (:func:`blocks` cuts where few
+   short-lived values cross), and of those, the ones whose code follows from
+   their operands' are not flagged but inferred on the host (:mod:`sparse`).
+   The masks of a run of leaves are reduced together in one fused reduction
    (:mod:`codes`); only those small vectors leave the device.
 3. :func:`taint_walk` replays the walker's rules on the host from the codes
    alone: an origin is a leaf whose output is flagged while no input carries a
    taint; taints flow to outputs; the origins that reach an output are known.
-4. :func:`values_at` compiles the part of the program the chosen leaf depends on
-   (dead-code eliminated) and returns its operands, so only that equation (or
-   region) is evaluated eagerly, with every statistic of the report.
+4. :func:`values_of` compiles the part of the program the chosen block depends
+   on (dead-code eliminated) with the block itself, and returns the block's
+   operands and its leaves' outputs, so the walker reads, rather than compiles,
+   each equation of that block (regions excepted), with every statistic of the
+   report.
 
 ``io_callback`` equations are not run in this pass unless asked: their outputs
 are zeros of the right shape (the report says so).
@@ -35,7 +40,7 @@ import numpy as np
 from jax._src import source_info_util
 from jax.extend import core as jcore
 
-from stablejax._src.debug import codes
+from stablejax._src.debug import codes, sparse
 from stablejax._src.debug import phase as phase_labels
 from stablejax._src.debug.source import scopes, traceback_frames
 from stablejax._src.debug.values import is_float
@@ -236,12 +241,69 @@ def blocks(prog: Program, size: int | None = None) -> list[range]:
     """Consecutive runs of at most ``size`` leaves: the unit the compiled pass flags.
 
     By default a program of up to ``SMALL`` leaves flags every value (a NaN masked
-    inside any block is then seen too); a larger one, blocks of ``BLOCK``.
+    inside any block is then seen too); a larger one, blocks of ``BLOCK//2`` to
+    ``BLOCK`` leaves cut where the fewest short-lived values cross (:func:`cuts`).
+    An explicit ``size`` gives blocks of exactly ``size`` (the last one shorter).
     """
     n = len(prog.leaves)
-    if size is None:
-        size = 1 if n <= SMALL else BLOCK
+    if size is None and n > SMALL:
+        ends = cuts(prog, max(1, BLOCK // 2), BLOCK)
+        return [range(s, e) for s, e in zip([0, *ends[:-1]], ends)]
+    size = size or 1
     return [range(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def cuts(prog: Program, lo: int, hi: int) -> list[int]:
+    """Block ends (exclusive, the last one ``len(prog.leaves)``), blocks of ``lo`` to ``hi``.
+
+    A flagged value costs the flagged program's compile most when it is short-lived:
+    it would have been fused into its readers, and its flag makes XLA materialize
+    it. The cost of a cut before leaf ``k`` is the number of floating values made
+    before ``k`` and read at or after it that live fewer than ``4 * hi`` leaves and
+    whose finiteness does not follow from their operands' (:func:`sparse.derivable`);
+    the cuts minimize the total (dynamic programming over the block lengths).
+    """
+    n = len(prog.leaves)
+    if n <= hi:
+        return [n]
+    made: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for k, leaf in enumerate(prog.leaves):
+        for i in leaf.ins:
+            if not isinstance(i, tuple) and i in made:
+                last[i] = k
+        if leaf.region or not sparse.derivable(leaf.eqn):
+            for v, o in zip(leaf.eqn.outvars, leaf.outs):
+                if o is not None and is_float(v.aval):
+                    made[o] = k
+    delta = [0] * (n + 2)  # cost[k] = values alive across the cut before leaf k
+    for o, k in made.items():
+        end = last.get(o)
+        if end is not None and end - k < 4 * hi:
+            delta[k + 1] += 1
+            delta[end + 1] -= 1
+    cost = [0] * (n + 1)
+    run = 0
+    for k in range(n + 1):
+        run += delta[k]
+        cost[k] = run
+    inf = float("inf")
+    best = [inf] * (n + 1)
+    back = [0] * (n + 1)
+    best[0] = 0.0
+    for e in range(1, n + 1):
+        c = 0 if e == n else cost[e]
+        for s in range(max(0, e - hi), e - lo + 1 if e < n else e):
+            if best[s] + c < best[e]:
+                best[e], back[e] = best[s] + c, s
+    if best[n] == inf:  # no split fits (n < lo): one block per hi leaves
+        return [min(s + hi, n) for s in range(0, n, hi)]
+    ends = []
+    e = n
+    while e > 0:
+        ends.append(e)
+        e = back[e]
+    return ends[::-1]
 
 
 def escaping(prog: Program, spans: Sequence[range]) -> list[list[int]]:
@@ -316,10 +378,25 @@ def flag_values(
 
 
 def values_of(
-    prog: Program, args: Sequence[Any], ids: Sequence[int], upto: int, run_callbacks: bool
-) -> dict[int, Any]:
-    """The values ``ids`` (made before leaf ``upto``), from a compiled dead-code-free prefix."""
+    prog: Program,
+    args: Sequence[Any],
+    ids: Sequence[int],
+    upto: int,
+    run_callbacks: bool,
+    block: range | None = None,
+) -> Any:
+    """The values ``ids`` (made before leaf ``upto``), from a compiled dead-code-free prefix.
+
+    With ``block``, the same compiled program also runs the leaves of ``block``
+    (which starts at ``upto``) and the answer is ``(values, outs)``, ``outs``
+    mapping each leaf index of ``block`` to its outputs: the walker then reads
+    them instead of compiling each primitive of the block on its own.
+    """
+    span = list(block) if block is not None else []
+    made_in = {o for k in span for o in prog.leaves[k].outs if o is not None}
     need = set(ids)
+    for k in span:  # the block's operands made before it: the prefix makes them too
+        need.update(i for i in prog.leaves[k].ins if not isinstance(i, tuple) and i not in made_in)
     keep: list[int] = []
     for k in range(upto - 1, -1, -1):
         leaf = prog.leaves[k]
@@ -340,13 +417,28 @@ def values_of(
             for o, val in zip(leaf.outs, _bind_leaf(leaf, vals, run_callbacks)):
                 if o is not None:
                     env[o] = val
-        return [env[i] for i in made]
+        picked = [env[i] for i in made]
+        outs = []
+        for k in span:
+            leaf = prog.leaves[k]
+            vals = [i[1] if isinstance(i, tuple) else env[i] for i in leaf.ins]
+            outs.append(_bind_leaf(leaf, vals, run_callbacks))
+            for o, val in zip(leaf.outs, outs[-1]):
+                if o is not None:
+                    env[o] = val
+        return picked, outs
 
     call_args = ([args[i] for i in arg_ids], [prog.consts[i] for i in const_ids])
-    out = dict(zip(made, codes.compile_once(body, *call_args)(*call_args))) if made else {}
+    if made or span:
+        picked, outs = codes.compile_once(body, *call_args)(*call_args)
+    else:
+        picked, outs = [], []
+    out = dict(zip(made, picked))
     for i in ids:
         if i < prog.n_args:
             out[i] = args[i]
         elif i in prog.consts:
             out[i] = prog.consts[i]
-    return out
+    if block is None:
+        return out
+    return out, {k: list(o) for k, o in zip(span, outs)}

@@ -108,6 +108,7 @@ class Walker:
         self.reached: list[int] = []
         self.scoped = False  # whether any equation ran under a module scope
         self.mapped: shards.Mapped | None = None  # inside a shard_map body: the shards
+        self.given: list[Any] | None = None  # outputs of the next leaf, computed already
 
     # -- public ---------------------------------------------------------------
 
@@ -284,6 +285,9 @@ class Walker:
         return self._leaf(eqn, invals, in_taints, site, phase)
 
     def _bind(self, eqn, invals, site):
+        if self.given is not None:  # computed in the compiled pass: not bound again
+            outs, self.given = self.given, None
+            return outs
         with (
             source_info_util.user_context(eqn.source_info.traceback, name_stack=site.name_stack),
             eqn.ctx.manager,

@@ -9,6 +9,11 @@ all when a mask hid every one). Only then is a value computed: the operands of
 that one equation, or of the region (``scan``, ``while``, ``cond``,
 ``shard_map``, ``pmap``) holding it, which the walker then evaluates eagerly.
 
+Codes inferred on the host (:mod:`sparse`) can call finite a value born
+non-finite from finite operands (an overflow, a division by zero, ``sqrt`` of a
+negative); the chosen block then shows such an operand, its code is taken as
+measured and the search moves to the block that made it.
+
 The answer is :data:`FALLBACK` when the codes cannot decide: no flagged output
 reaches an output while the program has regions (a masked NaN inside a loop
 body leaves no trace outside it), or the region's walk finds nothing.
@@ -22,15 +27,16 @@ from typing import Any
 
 from jax.extend import core as jcore
 
-from stablejax._src.debug import compiled
+from stablejax._src.debug import compiled, sparse
 from stablejax._src.debug import phase as phase_labels
-from stablejax._src.debug.interpreter import INTENTIONAL, Walker
+from stablejax._src.debug.interpreter import CALL_PARAMS, INTENTIONAL, Walker
 from stablejax._src.debug.source import traceback_frames
 from stablejax._src.debug.values import Origin, is_float, nonfinite_kind
 
 FALLBACK = "fallback"
 _KINDS = {0: None, 1: "nonfinite"}
 _MAX_WALKS = 4  # blocks walked before giving up on the compiled pass
+_MAX_MOVES = 8  # moves to the block making a non-finite value whose inferred code was 0
 
 
 @dataclasses.dataclass
@@ -110,8 +116,14 @@ def walk_block(
     span: range,
     env: dict[int, Any],
     taint: dict[int, int | None],
+    given: dict[int, list[Any]] | None = None,
 ) -> None:
-    """Evaluates the leaves of ``span`` eagerly with the walker (exact taints inside)."""
+    """Evaluates the leaves of ``span`` with the walker (exact taints inside).
+
+    ``given`` maps a leaf index to its outputs, computed already
+    (:func:`compiled.values_of`): those leaves are not bound again, except
+    regions and calls, whose bodies the walker enters.
+    """
     last: dict[int, int] = {}
     for k in span:
         for i in prog.leaves[k].ins:
@@ -125,9 +137,14 @@ def walk_block(
         for v, p in zip(eqn.invars, leaf.producers):
             if p is not None and not isinstance(v, jcore.Literal):
                 walker._producer[v] = p
-        outs, out_t = walker._eqn(
-            eqn, invals, in_t, leaf.site, leaf.phase, leaf.out_flags, leaf.in_grad, leaf.label
-        )
+        if given is not None and not leaf.region and eqn.primitive.name not in CALL_PARAMS:
+            walker.given = given[k]
+        try:
+            outs, out_t = walker._eqn(
+                eqn, invals, in_t, leaf.site, leaf.phase, leaf.out_flags, leaf.in_grad, leaf.label
+            )
+        finally:
+            walker.given = None
         for o, val, t in zip(leaf.outs, outs, out_t):
             if o is not None:
                 env[o], taint[o] = val, t
@@ -265,13 +282,18 @@ def search(
     n_known = len(walker.origins)  # arguments, then NaN constants
     spans = compiled.blocks(prog)
     esc = compiled.escaping(prog, spans)
-    ids = [i for e in esc for i in e]
-    codes = compiled.flag_values(prog, args, walker.run_callbacks, ids)
+    flagged, derived = sparse.thin(prog, esc, births=len(prog.leaves) > compiled.SMALL)
+    measured = compiled.flag_values(prog, args, walker.run_callbacks, flagged)
     arg_kinds = [nonfinite_kind(a) if is_float(a) else None for a in args]
     has_regions = any(leaf.region for leaf in prog.leaves)
     walker.skipped_callbacks = prog.callbacks if not walker.run_callbacks else 0
     intentional: set[int] = set()
-    for _ in range(_MAX_WALKS):
+    walks = moves = 0
+    while True:
+        codes, unknown = sparse.infer(prog, derived, measured, args)
+        if unknown:  # finite over non-finite: those codes are measured, on device
+            measured.update(compiled.flag_values(prog, args, walker.run_callbacks, unknown))
+            continue
         cands, reached, taint = taint_walk(
             prog, spans, esc, codes, arg_taints, arg_kinds, n_known, frozenset(intentional)
         )
@@ -295,27 +317,39 @@ def search(
         needed = sorted(
             {i for k in span for i in prog.leaves[k].ins if not isinstance(i, tuple)} - made
         )
-        env = compiled.values_of(prog, args, needed, span.start, walker.run_callbacks)
+        env, given = compiled.values_of(
+            prog, args, needed, span.start, walker.run_callbacks, block=span
+        )
         block_taint = {i: (INTENTIONAL if taint.get(i) == INTENTIONAL else None) for i in needed}
-        if any(
-            block_taint[i] is None and is_float(env[i]) and nonfinite_kind(env[i]) for i in needed
-        ):
+        wrong = [
+            i
+            for i in needed
+            if block_taint[i] is None and is_float(env[i]) and nonfinite_kind(env[i])
+        ]
+        if wrong:
+            if moves < _MAX_MOVES and all(i in derived and not codes.get(i) for i in wrong):
+                # Born by overflow in a value whose code was inferred finite: take
+                # its code as measured, so the taint walk moves to the block making it.
+                measured.update(dict.fromkeys(wrong, 1))
+                moves += 1
+                continue
             # The cut-down program disagrees with the flagged one (XLA fused the
             # two differently, e.g. a variance exactly 0 in one, tiny in the
             # other): only the full walk is consistent.
             return FALLBACK
         trial = Walker(walker.run_callbacks)
         trial.origins = list(walker.origins)
-        walk_block(trial, prog, span, dict(env), dict(block_taint))
+        walk_block(trial, prog, span, dict(env), dict(block_taint), given)
         if len(trial.origins) > n_known:
             break
+        walks += 1
+        if walks >= _MAX_WALKS:
+            return FALLBACK
         intentional.add(first[1])  # only -inf masks in there: look again
-    else:
-        return FALLBACK
     del trial
     base = len(walker.origins)
     _remember_upto(walker, prog, span.start - 1)
-    walk_block(walker, prog, span, env, block_taint)
+    walk_block(walker, prog, span, env, block_taint, given)
     walker.skipped_callbacks = prog.callbacks if not walker.run_callbacks else 0
     out_t = {block_taint.get(i) for i in esc[first[1]] if codes.get(i)}
     inner = sorted(t for t in out_t if t is not None and t >= base)
