@@ -262,10 +262,13 @@ def test_thinning_drops_flags_and_keeps_the_answer(tiny, no_full_walk, monkeypat
     every = [i for e in esc for i in e]
     assert len(flagged) < 0.8 * len(every), (len(flagged), len(every))
     outputs = {i for i in prog.outputs if not isinstance(i, tuple)}
-    assert outputs & set(every) <= set(flagged)  # outputs are always flagged
+    # Outputs are never inferred, nor flagged: their codes are measured on the host.
+    assert not outputs & (set(flagged) | set(derived))
     # The inferred codes are the measured ones.
     measured = compiled.flag_values(prog, list(jax.tree.leaves(args)), False, every)
-    thin = compiled.flag_values(prog, list(jax.tree.leaves(args)), False, flagged)
+    thin = compiled.flag_values(prog, list(jax.tree.leaves(args)), False, flagged, outputs=True)
+    assert outputs & set(every) <= set(thin)
+    assert all(thin[i] == measured[i] for i in outputs & set(every))
     inferred, unknown = sparse.infer(prog, derived, thin, list(jax.tree.leaves(args)))
     assert not unknown
     assert any(measured.values())
@@ -317,6 +320,46 @@ def test_birth_on_an_unflagged_chain(no_full_walk, blocks_of_two, monkeypatch):
     monkeypatch.setattr(search, "_MAX_MOVES", 0)
     with pytest.raises(AssertionError, match="walked the whole program"):
         locate(jax.jit(f))(x, y)
+
+
+def test_birth_on_an_inferred_chain_feeding_an_output(no_full_walk, monkeypatch):
+    # A program over compiled.SMALL leaves (births inferred, outputs measured on
+    # the host, not flagged): its only non-finite value is born by overflow in a
+    # mul of an argument, an inferred (finite) code, and reaches an output
+    # through more inferred values only. The output's measured code is the
+    # safety net: the search starts at the block making it and moves back.
+    from stablejax._src.debug import sparse
+
+    def f(x, w):
+        big = x * 1e30  # L:chainbirth
+        for _ in range(330):
+            w = jnp.sin(w) * 0.5
+        return w, jnp.reshape(big, (2, 2)).T * 2.0
+
+    x, w = jnp.full((4,), 1e10, jnp.float32), jnp.ones(3)
+    closed = jax.make_jaxpr(f)(x, w)
+    wk = interpreter.Walker()
+    prog = compiled.flatten(wk, closed, interpreter.CALL_PARAMS, wk.root_site())
+    assert len(prog.leaves) > compiled.SMALL
+    spans = compiled.blocks(prog)
+    esc = compiled.escaping(prog, spans)
+    flagged, derived = sparse.thin(prog, esc, births=True)
+    out = prog.outputs[1]
+    names = ("reshape", "transpose")
+    moves = [leaf.outs[0] for leaf in prog.leaves if leaf.eqn.primitive.name in names]
+    born = prog.leaves[0].outs[0]
+    assert born in derived and born not in flagged and out not in flagged
+    assert len(moves) == 2 and all(o in derived for o in moves)
+    measured = compiled.flag_values(prog, [x, w], False, flagged, outputs=True)
+    assert measured[out] == 1 and not any(measured[i] for i in flagged)
+    codes, _ = sparse.infer(prog, derived, measured, [x, w])
+    assert codes[born] == 0  # inferred finite: only the output shows the Inf
+    r = locate(jax.jit(f))(x, w)
+    assert (r.primitive, r.kind, r.source) == ("mul", "inf", line("chainbirth")), str(r)
+    assert r.reaches_output
+    # Without the output's measured code, nothing looks non-finite.
+    monkeypatch.setattr(compiled, "nonfinite_kind", lambda v: None)
+    assert locate(jax.jit(f))(x, w) is None
 
 
 def test_derivable_rule():

@@ -282,8 +282,10 @@ def search(
     n_known = len(walker.origins)  # arguments, then NaN constants
     spans = compiled.blocks(prog)
     esc = compiled.escaping(prog, spans)
-    flagged, derived = sparse.thin(prog, esc, births=len(prog.leaves) > compiled.SMALL)
-    measured = compiled.flag_values(prog, args, walker.run_callbacks, flagged)
+    births = len(prog.leaves) > compiled.SMALL
+    flagged, derived = sparse.thin(prog, esc, births=births)
+    # A large program's outputs are measured on the host, not flagged (sparse.thin).
+    measured = compiled.flag_values(prog, args, walker.run_callbacks, flagged, outputs=births)
     arg_kinds = [nonfinite_kind(a) if is_float(a) else None for a in args]
     has_regions = any(leaf.region for leaf in prog.leaves)
     walker.skipped_callbacks = prog.callbacks if not walker.run_callbacks else 0

@@ -34,12 +34,18 @@ only the first kind: a NaN born and masked anywhere in it is still seen; in a
 larger one, a NaN born in a derived value and masked before any flagged value
 is not (as one born and masked inside a block).
 
-Program outputs are always flagged, so a non-finite output is always seen. A
-NaN or Inf born in a derived value is caught by :func:`search.search`: the
-block the taint walk chooses is evaluated with its real operands,
-and a non-finite operand whose inferred code said finite moves the search to
-the block that made it (its code is then taken as measured), until the block
-holding the birth is reached.
+Program outputs are never derived: their codes are always measured, so a
+non-finite output is always seen. In a small program they are flagged like
+any other value; in a larger one (``births``) they are not flagged but
+returned by the compiled pass and checked on the host
+(``compiled.flag_values(..., outputs=True)``): a flag per output (hundreds on
+a train step) costs the compile more than the check. A NaN or Inf born in a
+derived value is caught by :func:`search.search`: the block the taint walk
+chooses (for a derived chain feeding an output, the block making the output,
+whose measured code is non-finite while its operands' say finite) is evaluated
+with its real operands, and a non-finite operand whose inferred code said
+finite moves the search to the block that made it (its code is then taken as
+measured), until the block holding the birth is reached.
 """
 
 from __future__ import annotations
@@ -120,7 +126,8 @@ def thin(
         thinned without them.
 
     Returns:
-      ``(flagged, derived)``: the value ids to flag, in ``esc``'s order, and per
+      ``(flagged, derived)``: the value ids to flag, in ``esc``'s order (with
+      ``births``, the program outputs left out: measured on the host), and per
       derived value id (escaping or not, in execution order) its floating
       operands (value ids or ``("lit", value)``) and, for a ``div``, its
       ``(numerator, divisor)`` (else ``None``).
@@ -153,7 +160,7 @@ def thin(
                 known.add(o)
             elif o in escaping or not _size(v.aval):
                 known.add(o)
-    flagged = [i for e in esc for i in e if i not in derived]
+    flagged = [i for e in esc for i in e if i not in derived and not (births and i in outputs)]
     return flagged, derived
 
 
