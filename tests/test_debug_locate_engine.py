@@ -27,6 +27,13 @@ def _fields(r):
     return (r.primitive, r.kind, r.phase, r.module, r.source, r.category, r.op, r.reaches_output)
 
 
+def _flatten(fn, *args):
+    """``fn``'s program on ``args`` as the compiled pass flattens it."""
+    walker = interpreter.Walker()
+    closed = jax.make_jaxpr(fn)(*args)
+    return compiled.flatten(walker, closed, interpreter.CALL_PARAMS, walker.root_site())
+
+
 @pytest.fixture
 def no_full_walk(monkeypatch):
     """Fails the test if locate falls back to walking the whole program op by op."""
@@ -253,9 +260,7 @@ def test_thinning_drops_flags_and_keeps_the_answer(tiny, no_full_walk, monkeypat
     monkeypatch.setattr(compiled, "BLOCK", 24)
 
     step, args = tiny
-    closed = jax.make_jaxpr(step)(*args)
-    w = interpreter.Walker()
-    prog = compiled.flatten(w, closed, interpreter.CALL_PARAMS, w.root_site())
+    prog = _flatten(step, *args)
     spans = compiled.blocks(prog)
     esc = compiled.escaping(prog, spans)
     flagged, derived = sparse.thin(prog, esc)
@@ -305,9 +310,7 @@ def test_birth_on_an_unflagged_chain(no_full_walk, blocks_of_two, monkeypatch):
 
     x = jnp.full((4,), 3e38, jnp.float32)
     y = jnp.ones((2, 2))
-    closed = jax.make_jaxpr(f)(x, y)
-    w = interpreter.Walker()
-    prog = compiled.flatten(w, closed, interpreter.CALL_PARAMS, w.root_site())
+    prog = _flatten(f, x, y)
     esc = compiled.escaping(prog, compiled.blocks(prog))
     flagged, derived = sparse.thin(prog, esc)
     adds = [o for leaf in prog.leaves if leaf.eqn.primitive.name == "add" for o in leaf.outs]
@@ -337,9 +340,7 @@ def test_birth_on_an_inferred_chain_feeding_an_output(no_full_walk, monkeypatch)
         return w, jnp.reshape(big, (2, 2)).T * 2.0
 
     x, w = jnp.full((4,), 1e10, jnp.float32), jnp.ones(3)
-    closed = jax.make_jaxpr(f)(x, w)
-    wk = interpreter.Walker()
-    prog = compiled.flatten(wk, closed, interpreter.CALL_PARAMS, wk.root_site())
+    prog = _flatten(f, x, w)
     assert len(prog.leaves) > compiled.SMALL
     spans = compiled.blocks(prog)
     esc = compiled.escaping(prog, spans)
@@ -394,9 +395,7 @@ def test_division_by_a_nonfinite_value_is_measured(no_full_walk, blocks_of_two):
         return jnp.sum(jnp.sin(x / s) * x)
 
     x, s = jnp.ones(4), jnp.float32(jnp.inf)
-    closed = jax.make_jaxpr(h)(x, s)
-    w = interpreter.Walker()
-    prog = compiled.flatten(w, closed, interpreter.CALL_PARAMS, w.root_site())
+    prog = _flatten(h, x, s)
     esc = compiled.escaping(prog, compiled.blocks(prog))
     flagged, derived = sparse.thin(prog, esc)
     divs = [o for leaf in prog.leaves if leaf.eqn.primitive.name == "div" for o in leaf.outs]
@@ -425,9 +424,7 @@ def test_cuts_keep_block_lengths_and_cross_fewer_values(tiny, monkeypatch):
     monkeypatch.setattr(compiled, "SMALL", 0)
     monkeypatch.setattr(compiled, "BLOCK", 24)
     step, args = tiny
-    closed = jax.make_jaxpr(step)(*args)
-    w = interpreter.Walker()
-    prog = compiled.flatten(w, closed, interpreter.CALL_PARAMS, w.root_site())
+    prog = _flatten(step, *args)
     spans = compiled.blocks(prog)
     assert spans[0].start == 0 and spans[-1].stop == len(prog.leaves)
     assert all(a.stop == b.start for a, b in zip(spans, spans[1:]))
@@ -490,9 +487,7 @@ def test_small_program_infers_no_births():
         r = jnp.sum(x) / jnp.sum(x * 0.0)  # 0/0, masked below
         return jnp.reshape(x * 2.0, (2, 2)).T + jnp.where(jnp.isfinite(r), r, 0.0)
 
-    closed = jax.make_jaxpr(f)(jnp.ones(4))
-    w = interpreter.Walker()
-    prog = compiled.flatten(w, closed, interpreter.CALL_PARAMS, w.root_site())
+    prog = _flatten(f, jnp.ones(4))
     esc = compiled.escaping(prog, compiled.blocks(prog))
     names = {o: leaf.eqn.primitive.name for leaf in prog.leaves for o in leaf.outs}
     _, derived = sparse.thin(prog, esc, births=False)

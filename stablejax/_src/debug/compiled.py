@@ -230,6 +230,16 @@ def _bind_leaf(leaf: Leaf, vals: list[Any], run_callbacks: bool) -> list[Any]:
         return bind_equation(eqn, vals)
 
 
+def _run_leaf(leaf: Leaf, env: dict[int, Any], run_callbacks: bool) -> list[Any]:
+    """Binds ``leaf`` on its operands from ``env``, stores its outputs there and returns them."""
+    vals = [i[1] if isinstance(i, tuple) else env[i] for i in leaf.ins]
+    outs = _bind_leaf(leaf, vals, run_callbacks)
+    for o, val in zip(leaf.outs, outs):
+        if o is not None:
+            env[o] = val
+    return outs
+
+
 def _last_uses(prog: Program, upto: int) -> dict[int, int]:
     last: dict[int, int] = {}
     for k, leaf in enumerate(prog.leaves[:upto]):
@@ -237,6 +247,11 @@ def _last_uses(prog: Program, upto: int) -> dict[int, int]:
             if not isinstance(i, tuple):
                 last[i] = k
     return last
+
+
+def large(prog: Program) -> bool:
+    """Whether ``prog`` has more than ``SMALL`` leaves: cut into blocks, births inferred."""
+    return len(prog.leaves) > SMALL
 
 
 def blocks(prog: Program, size: int | None = None) -> list[range]:
@@ -248,7 +263,7 @@ def blocks(prog: Program, size: int | None = None) -> list[range]:
     An explicit ``size`` gives blocks of exactly ``size`` (the last one shorter).
     """
     n = len(prog.leaves)
-    if size is None and n > SMALL:
+    if size is None and large(prog):
         ends = cuts(prog, max(1, BLOCK // 2), BLOCK)
         return [range(s, e) for s, e in zip([0, *ends[:-1]], ends)]
     size = size or 1
@@ -374,14 +389,8 @@ def flag_values(
         n = len(prog.leaves)
         layout.clear()
         for k, leaf in enumerate(prog.leaves):
-            vals = [i[1] if isinstance(i, tuple) else env[i] for i in leaf.ins]
-            outs = _bind_leaf(leaf, vals, run_callbacks)
-            for o, val in zip(leaf.outs, outs):
-                if o is None:
-                    continue
-                env[o] = val
-                if o in wanted:
-                    pending.append((o, val))
+            outs = _run_leaf(leaf, env, run_callbacks)
+            pending.extend((o, val) for o, val in zip(leaf.outs, outs) if o in wanted)
             if pending and ((k + 1) % BLOCK == 0 or k == n - 1):
                 got, where = codes.packed_codes([v for _, v in pending])
                 layout.append(([o for o, _ in pending], len(partials), where))
@@ -445,21 +454,9 @@ def values_of(
         env: dict[int, Any] = dict(zip(arg_ids, arg_vals))
         env.update(zip(const_ids, const_vals))
         for k in keep:
-            leaf = prog.leaves[k]
-            vals = [i[1] if isinstance(i, tuple) else env[i] for i in leaf.ins]
-            for o, val in zip(leaf.outs, _bind_leaf(leaf, vals, run_callbacks)):
-                if o is not None:
-                    env[o] = val
+            _run_leaf(prog.leaves[k], env, run_callbacks)
         picked = [env[i] for i in made]
-        outs = []
-        for k in span:
-            leaf = prog.leaves[k]
-            vals = [i[1] if isinstance(i, tuple) else env[i] for i in leaf.ins]
-            outs.append(_bind_leaf(leaf, vals, run_callbacks))
-            for o, val in zip(leaf.outs, outs[-1]):
-                if o is not None:
-                    env[o] = val
-        return picked, outs
+        return picked, [_run_leaf(prog.leaves[k], env, run_callbacks) for k in span]
 
     call_args = ([args[i] for i in arg_ids], [prog.consts[i] for i in const_ids])
     if made or span:

@@ -282,7 +282,7 @@ def search(
     n_known = len(walker.origins)  # arguments, then NaN constants
     spans = compiled.blocks(prog)
     esc = compiled.escaping(prog, spans)
-    births = len(prog.leaves) > compiled.SMALL
+    births = compiled.large(prog)
     flagged, derived = sparse.thin(prog, esc, births=births)
     # A large program's outputs are measured on the host, not flagged (sparse.thin).
     measured = compiled.flag_values(prog, args, walker.run_callbacks, flagged, outputs=births)
