@@ -283,11 +283,125 @@ def test_thinning_drops_flags_and_keeps_the_answer(tiny, no_full_walk, monkeypat
     assert all(measured[i] and i in derived for i in wrong), wrong
     assert len(wrong) <= 2
     thinned = locate(step)(*args)
-    every_flag = lambda prog, esc, births=True: ([i for e in esc for i in e], {})  # noqa: E731
-    monkeypatch.setattr(sparse, "thin", every_flag)
+    _dense(monkeypatch)
     dense = locate(step)(*args)
     assert _fields(thinned) == _fields(dense)
     assert [s.to_dict() for s in thinned.inputs] == [s.to_dict() for s in dense.inputs]
+
+
+def _dense(monkeypatch):
+    """Every value a block passes on flagged: no code inferred from another."""
+    from stablejax._src.debug import sparse
+
+    every = lambda prog, esc, births=True: ([i for e in esc for i in e], {})  # noqa: E731
+    monkeypatch.setattr(sparse, "thin", every)
+    monkeypatch.setattr(sparse, "imply", lambda prog, f, d, depth=6: (list(f), {}))
+    monkeypatch.setattr(sparse, "witnessed", lambda prog, f, phase="forward": (list(f), {}))
+
+
+def test_codes_from_the_outputs_drop_flags_and_keep_the_answer(tiny, no_full_walk, monkeypatch):
+    # In a large program the outputs are measured on the host. A gradient read
+    # only by the optimizer (its moments are outputs) and a forward activation
+    # reaching some output through mul/add/dot_general/... are not flagged: a
+    # finite output they reach proves them finite.
+    from stablejax._src.debug import sparse
+
+    monkeypatch.setattr(compiled, "SMALL", 0)
+    monkeypatch.setattr(compiled, "BLOCK", 24)
+    step, args = tiny
+    leaves = list(jax.tree.leaves(args))
+    prog = _flatten(step, *args)
+    esc = compiled.escaping(prog, compiled.blocks(prog))
+    flagged, derived = sparse.thin(prog, esc)
+    left, implied = sparse.imply(prog, flagged, derived)
+    left, witnessed = sparse.witnessed(prog, left)
+    phase = {o: leaf.phase for leaf in prog.leaves for o in leaf.outs}
+    assert implied and witnessed and len(left) < 0.7 * len(flagged), (len(left), len(flagged))
+    assert {phase[i] for i in witnessed} == {"forward"}
+    every = [i for e in esc for i in e]
+    measured = compiled.flag_values(prog, leaves, False, every)
+    thin = compiled.flag_values(prog, leaves, False, left, outputs=True)
+    codes, unknown = sparse.infer(prog, derived, thin, leaves, implied, witnessed)
+    assert any(measured[i] for i in implied)  # the bad block's gradients
+    assert any(not measured[i] for i in implied) and any(not codes[i] for i in witnessed)
+    for i in [*implied, *witnessed]:  # decided codes are the measured ones
+        assert i in unknown or codes[i] == measured[i], i
+    fast = locate(step)(*args)
+    _dense(monkeypatch)
+    dense = locate(step)(*args)
+    assert _fields(fast) == _fields(dense)
+    assert [s.to_dict() for s in fast.inputs] == [s.to_dict() for s in dense.inputs]
+
+
+def test_optimizer_overflow_of_a_finite_gradient(blocks_of_two, monkeypatch):
+    # Adam squares a finite gradient of 1e20: g ** 2 overflows to Inf in the
+    # second moment, an output. The gradient's code, implied from that output,
+    # says non-finite; the block making it shows it finite, so the search takes
+    # it as measured and moves on to the optimizer's power.
+    from stablejax._src.debug import sparse
+
+    tx = optax.adam(1e-3)
+
+    def step(w, s, x):
+        g = jax.grad(lambda w: jnp.sum(jnp.tanh(x @ w)))(w)  # a dot_general: flagged
+        u, s = tx.update(g, s, w)
+        return optax.apply_updates(w, u), s
+
+    w, x = jnp.zeros(4), jnp.full((3, 4), 1e20)
+    s = tx.init(w)
+    prog = _flatten(step, w, s, x)
+    esc = compiled.escaping(prog, compiled.blocks(prog))
+    _, implied = sparse.imply(prog, *sparse.thin(prog, esc))
+    pows = [o for leaf in prog.leaves if leaf.eqn.primitive.name == "integer_pow" for o in leaf.ins]
+    assert set(pows) & set(implied)  # the gradient adam squares
+    calls = []
+    values_of = compiled.values_of
+    monkeypatch.setattr(
+        compiled, "values_of", lambda *a, **k: calls.append(k["block"]) or values_of(*a, **k)
+    )
+    with monkeypatch.context() as m:
+        m.setattr(interpreter.Walker, "run", lambda *a, **k: pytest.fail("full walk"))
+        fast = locate(jax.jit(step))(w, s, x)
+    assert (fast.primitive, fast.kind, fast.phase) == ("integer_pow", "inf", "update"), str(fast)
+    assert len(calls) >= 2  # first the gradient's block, then the power's
+    monkeypatch.setattr(search, "search", lambda *a, **k: search.FALLBACK)
+    assert _fields(locate(jax.jit(step))(w, s, x)) == _fields(fast)
+
+
+class LogNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.log(nn.Dense(4)(x))  # L:fwdlog
+        return nn.Dense(2)(h * 2.0 + 1.0)
+
+
+def test_forward_nan_leaves_witnessed_codes_to_a_second_pass(blocks_of_two, monkeypatch):
+    # log of a negative pre-activation: the NaN reaches every output, so no finite
+    # output proves a forward activation finite. Their codes are undecided and
+    # measured in a second compiled pass; the answer is the dense one.
+    model, tx = LogNet(), optax.sgd(0.1)
+    x = jax.random.normal(jax.random.key(0), (3, 4))
+    params = model.init(jax.random.key(1), x)
+    opt_state = tx.init(params)
+
+    def step(params, opt_state, x):
+        loss, grads = jax.value_and_grad(lambda p: jnp.mean(model.apply(p, x) ** 2))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    passes = []
+    flag_values = compiled.flag_values
+    monkeypatch.setattr(
+        compiled, "flag_values", lambda prog, a, rc, ids, **k: passes.append(list(ids))
+        or flag_values(prog, a, rc, ids, **k)
+    )
+    with monkeypatch.context() as m:
+        m.setattr(interpreter.Walker, "run", lambda *a, **k: pytest.fail("full walk"))
+        fast = locate(jax.jit(step))(params, opt_state, x)
+    assert (fast.primitive, fast.phase, fast.source) == ("log", "forward", line("fwdlog"))
+    assert len(passes) == 2 and passes[1]  # the undecided codes, measured
+    _dense(monkeypatch)
+    assert _fields(locate(jax.jit(step))(params, opt_state, x)) == _fields(fast)
 
 
 @pytest.fixture

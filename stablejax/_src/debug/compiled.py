@@ -120,6 +120,7 @@ def flatten(walker: Any, closed: Any, call_params: dict[str, str], site0: Any) -
     producer: dict[int, str] = {}
     counter = [len(closed.jaxpr.invars)]
     n_callbacks = [0]
+    frames_of: dict[Any, tuple[Any, ...]] = {}
 
     def new_id() -> int:
         counter[0] += 1
@@ -149,7 +150,10 @@ def flatten(walker: Any, closed: Any, call_params: dict[str, str], site0: Any) -
                 grad.get(v, False) for v in eqn.invars if not isinstance(v, jcore.Literal)
             )
             label = labels[k]
-            tb_frames = traceback_frames(eqn.source_info.traceback)
+            tb = eqn.source_info.traceback
+            tb_frames = frames_of.get(tb) if tb is not None else ()
+            if tb_frames is None:  # equations of one line share a traceback's content
+                tb_frames = frames_of[tb] = traceback_frames(tb)
             phase = walker._phase(label, in_grad, tb_frames)
             sub_site = dataclasses.replace(
                 site,
@@ -247,6 +251,21 @@ def _last_uses(prog: Program, upto: int) -> dict[int, int]:
             if not isinstance(i, tuple):
                 last[i] = k
     return last
+
+
+def cone(prog: Program, need: set[Any], upto: int) -> list[int]:
+    """The leaves before ``upto`` that the values ``need`` depend on, in order.
+
+    ``need`` grows to every value those leaves read.
+    """
+    keep: list[int] = []
+    for k in range(upto - 1, -1, -1):
+        leaf = prog.leaves[k]
+        if any(o in need for o in leaf.outs if o is not None):
+            keep.append(k)
+            need.update(i for i in leaf.ins if not isinstance(i, tuple))
+    keep.reverse()
+    return keep
 
 
 def large(prog: Program) -> bool:
@@ -379,6 +398,8 @@ def flag_values(
     )
     keep = set(out_ids)
     layout: list[tuple[list[int], int, list[tuple[int, int]]]] = []
+    # Without the outputs (a second pass over a few values), only their cone is traced.
+    run = range(len(prog.leaves)) if outputs else cone(prog, set(ids), len(prog.leaves))
 
     def body(arg_vals, const_vals):
         env: dict[int, Any] = dict(enumerate(arg_vals))
@@ -386,12 +407,13 @@ def flag_values(
         last = _last_uses(prog, len(prog.leaves))
         partials: list[Any] = []
         pending: list[tuple[int, Any]] = []
-        n = len(prog.leaves)
+        last_k = run[-1] if len(run) else -1
         layout.clear()
-        for k, leaf in enumerate(prog.leaves):
+        for k in run:
+            leaf = prog.leaves[k]
             outs = _run_leaf(leaf, env, run_callbacks)
             pending.extend((o, val) for o, val in zip(leaf.outs, outs) if o in wanted)
-            if pending and ((k + 1) % BLOCK == 0 or k == n - 1):
+            if pending and ((k + 1) % BLOCK == 0 or k == last_k):
                 got, where = codes.packed_codes([v for _, v in pending])
                 layout.append(([o for o, _ in pending], len(partials), where))
                 partials.append(got)
@@ -439,13 +461,7 @@ def values_of(
     need = set(ids)
     for k in span:  # the block's operands made before it: the prefix makes them too
         need.update(i for i in prog.leaves[k].ins if not isinstance(i, tuple) and i not in made_in)
-    keep: list[int] = []
-    for k in range(upto - 1, -1, -1):
-        leaf = prog.leaves[k]
-        if any(o in need for o in leaf.outs if o is not None):
-            keep.append(k)
-            need.update(i for i in leaf.ins if not isinstance(i, tuple))
-    keep.reverse()
+    keep = cone(prog, need, upto)
     const_ids = sorted(i for i in need if i in prog.consts)
     arg_ids = sorted(i for i in need if i < prog.n_args)
     made = [i for i in ids if i >= prog.n_args and i not in prog.consts]

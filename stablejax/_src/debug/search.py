@@ -12,7 +12,10 @@ that one equation, or of the region (``scan``, ``while``, ``cond``,
 Codes inferred on the host (:mod:`sparse`) can call finite a value born
 non-finite from finite operands (an overflow, a division by zero, ``sqrt`` of a
 negative); the chosen block then shows such an operand, its code is taken as
-measured and the search moves to the block that made it.
+measured and the search moves to the block that made it. A code implied from
+an output downstream (:func:`sparse.imply`) can call non-finite a value that is
+finite (the path after it overflowed); the chosen block then shows it finite,
+its code is taken as measured and the search moves on.
 
 The answer is :data:`FALLBACK` when the codes cannot decide: no flagged output
 reaches an output while the program has regions (a masked NaN inside a loop
@@ -284,6 +287,11 @@ def search(
     esc = compiled.escaping(prog, spans)
     births = compiled.large(prog)
     flagged, derived = sparse.thin(prog, esc, births=births)
+    implied: dict[int, Any] = {}
+    witnesses: dict[int, int] = {}
+    if births:  # the outputs are measured on the host: many codes follow from them
+        flagged, implied = sparse.imply(prog, flagged, derived)
+        flagged, witnesses = sparse.witnessed(prog, flagged)
     # A large program's outputs are measured on the host, not flagged (sparse.thin).
     measured = compiled.flag_values(prog, args, walker.run_callbacks, flagged, outputs=births)
     arg_kinds = [nonfinite_kind(a) if is_float(a) else None for a in args]
@@ -292,7 +300,7 @@ def search(
     intentional: set[int] = set()
     walks = moves = 0
     while True:
-        codes, unknown = sparse.infer(prog, derived, measured, args)
+        codes, unknown = sparse.infer(prog, derived, measured, args, implied, witnesses)
         if unknown:  # finite over non-finite: those codes are measured, on device
             measured.update(compiled.flag_values(prog, args, walker.run_callbacks, unknown))
             continue
@@ -322,6 +330,20 @@ def search(
         env, given = compiled.values_of(
             prog, args, needed, span.start, walker.run_callbacks, block=span
         )
+        cleared = {  # implied non-finite, yet finite: the path downstream made it
+            o: 0
+            for k in (span if implied and given is not None else ())
+            for o, val in zip(prog.leaves[k].outs, given[k])
+            if o in implied
+            and o not in measured
+            and codes.get(o)
+            and is_float(val)
+            and not nonfinite_kind(val)
+        }
+        if cleared and moves < _MAX_MOVES:
+            measured.update(cleared)
+            moves += 1
+            continue
         block_taint = {i: (INTENTIONAL if taint.get(i) == INTENTIONAL else None) for i in needed}
         wrong = [
             i
