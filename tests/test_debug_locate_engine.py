@@ -333,6 +333,33 @@ def test_codes_from_the_outputs_drop_flags_and_keep_the_answer(tiny, no_full_wal
     assert [s.to_dict() for s in fast.inputs] == [s.to_dict() for s in dense.inputs]
 
 
+def test_witnessed_only_through_operations_that_keep_every_element():
+    # A NaN in a cropped entry (negative padding) or in a divisor need not reach
+    # the output: no finite output may vouch for those values. A gathered entry
+    # neither; a padded, multiplied, summed or matmul'ed one always does.
+    from stablejax._src.debug import sparse
+
+    def f(x, w, d):
+        a = jnp.sin(x)
+        cropped = jax.lax.pad(a, 0.0, [(-1, 0, 0)])
+        b = jnp.cos(x)
+        padded = jax.lax.pad(b, 0.0, [(1, 2, 1)])
+        c = jnp.tanh(x)
+        e = jnp.exp(d)
+        picked = jnp.log1p(w)[0]
+        return cropped.sum(), (padded * 2.0).sum() + (c @ jnp.tanh(w)).sum(), (x / e), picked
+
+    x, w, d = jnp.ones(4), jnp.ones((4, 3)), jnp.ones(4)
+    prog = _flatten(f, x, w, d)
+    made = {leaf.eqn.primitive.name: leaf.outs[0] for leaf in prog.leaves}
+    every = [o for leaf in prog.leaves for o in leaf.outs if o is not None]
+    _, witnessed = sparse.witnessed(prog, every)
+    assert made["sin"] not in witnessed  # cropped
+    assert made["exp"] not in witnessed  # a divisor
+    assert made["log1p"] not in witnessed  # only one entry read
+    assert made["cos"] in witnessed and made["tanh"] in witnessed  # padded / matmul'ed
+
+
 def test_optimizer_overflow_of_a_finite_gradient(blocks_of_two, monkeypatch):
     # Adam squares a finite gradient of 1e20: g ** 2 overflows to Inf in the
     # second moment, an output. The gradient's code, implied from that output,

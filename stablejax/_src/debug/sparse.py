@@ -192,6 +192,8 @@ CARRY = EXACT | OVERFLOW | frozenset(
 
 def _carries(eqn: Any) -> bool:
     name = eqn.primitive.name
+    if name == "pad":  # a negative low or high padding crops elements
+        return all(lo >= 0 and hi >= 0 for lo, hi, _ in eqn.params["padding_config"])
     if name in CARRY:
         return True
     if name == "convert_element_type":
@@ -233,7 +235,7 @@ def witnessed(
         for n, (v, i) in enumerate(zip(leaf.eqn.invars, leaf.ins)):
             if isinstance(i, tuple) or not is_float(v.aval):
                 continue
-            if leaf.eqn.primitive.name == "div" and n != 0:
+            if leaf.eqn.primitive.name in ("div", "pad") and n != 0:  # the numerator, the padded
                 continue
             reach[i] = reach.get(i, 0) | got
     phase_of: dict[int, str] = {}
@@ -379,7 +381,7 @@ def infer(
     if witnesses:
         finite = 0
         for n, i in enumerate(prog.outputs):
-            if not isinstance(i, tuple) and not code(i):
+            if not isinstance(i, tuple) and i in measured and not measured[i]:
                 finite |= 1 << n
         for v, bits in witnesses.items():
             if v not in codes:
@@ -401,8 +403,8 @@ def infer(
             derive(o, ops, den)
     for v, (witness, sides) in implied.items():
         if v not in codes:
-            codes[v] = code(witness)
-            if codes[v] and any(code(i) for i in sides):
+            codes[v] = measured.get(witness, 1)  # an output not measured proves nothing
+            if codes[v] and (witness not in measured or any(code(i) for i in sides)):
                 unknown.append(v)
     for o, (ops, den) in derived.items():
         if o not in codes:
