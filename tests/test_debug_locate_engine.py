@@ -402,10 +402,31 @@ class LogNet(nn.Module):
         return nn.Dense(2)(h * 2.0 + 1.0)
 
 
-def test_forward_nan_leaves_witnessed_codes_to_a_second_pass(blocks_of_two, monkeypatch):
+def _counting(monkeypatch):
+    """Records the value ids of each compiled flag pass and the block of each values_of."""
+    passes, reads = [], []
+    flag_values, values_of = compiled.flag_values, compiled.values_of
+
+    def counted_flags(prog, a, rc, ids, **k):
+        passes.append(list(ids))
+        return flag_values(prog, a, rc, ids, **k)
+
+    def counted_values(*a, **k):
+        reads.append(k.get("block"))
+        return values_of(*a, **k)
+
+    monkeypatch.setattr(compiled, "flag_values", counted_flags)
+    monkeypatch.setattr(compiled, "values_of", counted_values)
+    return passes, reads
+
+
+@pytest.mark.parametrize("tentative", [True, False])
+def test_forward_nan_leaves_witnessed_codes_undecided(blocks_of_two, monkeypatch, tentative):
     # log of a negative pre-activation: the NaN reaches every output, so no finite
-    # output proves a forward activation finite. Their codes are undecided and
-    # measured in a second compiled pass; the answer is the dense one.
+    # output proves a forward activation finite. Their codes are undecided: a few
+    # are taken as finite and read with the chosen block's operands (here they are
+    # not finite, so the search chooses again with them); more are measured in a
+    # second compiled pass. Either way the answer is the dense one.
     model, tx = LogNet(), optax.sgd(0.1)
     x = jax.random.normal(jax.random.key(0), (3, 4))
     params = model.init(jax.random.key(1), x)
@@ -416,19 +437,52 @@ def test_forward_nan_leaves_witnessed_codes_to_a_second_pass(blocks_of_two, monk
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    passes = []
-    flag_values = compiled.flag_values
-    monkeypatch.setattr(
-        compiled, "flag_values", lambda prog, a, rc, ids, **k: passes.append(list(ids))
-        or flag_values(prog, a, rc, ids, **k)
-    )
+    if not tentative:
+        monkeypatch.setattr(search, "_TENTATIVE_VALUES", 0)
+    passes, reads = _counting(monkeypatch)
     with monkeypatch.context() as m:
         m.setattr(interpreter.Walker, "run", lambda *a, **k: pytest.fail("full walk"))
         fast = locate(jax.jit(step))(params, opt_state, x)
     assert (fast.primitive, fast.phase, fast.source) == ("log", "forward", line("fwdlog"))
-    assert len(passes) == 2 and passes[1]  # the undecided codes, measured
+    if tentative:
+        assert len(passes) == 1 and len(reads) == 2, (passes, reads)
+    else:
+        assert len(passes) == 2 and passes[1], passes  # the undecided codes, measured
     _dense(monkeypatch)
     assert _fields(locate(jax.jit(step))(params, opt_state, x)) == _fields(fast)
+
+
+def test_finite_undecided_codes_cost_no_pass_of_their_own(tiny, monkeypatch):
+    # The zero query kernel's forward values reach only its NaN gradients: their
+    # codes are undecided. Read with the operands of the block chosen first (in
+    # the backward pass, later in the program) they are finite: no flag pass of
+    # their own (two without the tentative read), and the dense answer.
+    from stablejax._src.debug import sparse
+
+    monkeypatch.setattr(compiled, "SMALL", 0)
+    monkeypatch.setattr(compiled, "BLOCK", 24)
+    step, args = tiny
+    leaves = list(jax.tree.leaves(args))
+    prog = _flatten(step, *args)
+    esc = compiled.escaping(prog, compiled.blocks(prog))
+    flagged, derived = sparse.thin(prog, esc)
+    left, implied = sparse.imply(prog, flagged, derived)
+    left, witnessed = sparse.witnessed(prog, left)
+    measured = compiled.flag_values(prog, leaves, False, left, outputs=True)
+    _, unknown = sparse.infer(prog, derived, measured, leaves, implied, witnessed)
+    assert unknown and all(u in witnessed for u in unknown)
+    passes, reads = _counting(monkeypatch)
+    with monkeypatch.context() as m:
+        m.setattr(interpreter.Walker, "run", lambda *a, **k: pytest.fail("full walk"))
+        fast = locate(step)(*args)
+    assert (fast.primitive, fast.phase, fast.op) == ("div", "backward", "sqrt")
+    assert len(passes) == 1 and reads, (passes, reads)
+    assert all(prog.leaves[k].outs[0] not in unknown for k in reads[0])  # chosen after them
+    monkeypatch.setattr(search, "_TENTATIVE_VALUES", 0)
+    passes.clear()
+    assert _fields(locate(step)(*args)) == _fields(fast) and len(passes) == 2
+    _dense(monkeypatch)
+    assert _fields(locate(step)(*args)) == _fields(fast)
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from jax.extend import core as jcore
 
 from stablejax._src.debug import compiled, sparse
@@ -111,6 +112,30 @@ def taint_walk(
                 taint[o], kind[o] = t, kd
     out_t = [read(i)[0] for i in prog.outputs]
     return cands, sorted({t for t in out_t if t is not None and t >= 0}), taint
+
+
+_TENTATIVE_VALUES = 32  # at most this many undecided values are read with the chosen block
+_TENTATIVE_SIZE = 1 << 22  # of at most this many elements in all
+
+
+def _tentative(
+    prog: compiled.Program, unknown: Sequence[int], witnesses: dict[int, int], made_at: dict
+) -> list[int]:
+    """Undecided witnessed codes few and small enough to read with the chosen block.
+
+    Taking them as finite and reading their values with the chosen block's
+    operands (:func:`compiled.values_of`) saves a compiled pass of their own
+    when they are finite, as forward values whose outputs all hold a NaN born
+    later usually are.
+    """
+    if not unknown or len(unknown) > _TENTATIVE_VALUES or not all(u in witnesses for u in unknown):
+        return []
+    size = 0
+    for u in unknown:
+        leaf = prog.leaves[made_at[u]]
+        aval = leaf.eqn.outvars[leaf.outs.index(u)].aval
+        size += int(np.prod(aval.shape, dtype=np.int64))
+    return list(unknown) if size <= _TENTATIVE_SIZE else []
 
 
 def walk_block(
@@ -299,14 +324,28 @@ def search(
     walker.skipped_callbacks = prog.callbacks if not walker.run_callbacks else 0
     intentional: set[int] = set()
     walks = moves = 0
+    made_at = {o: k for k, leaf in enumerate(prog.leaves) for o in leaf.outs if o is not None}
     while True:
         codes, unknown = sparse.infer(prog, derived, measured, args, implied, witnesses)
-        if unknown:  # finite over non-finite: those codes are measured, on device
+        tentative = _tentative(prog, unknown, witnesses, made_at)
+        if tentative:  # a few witnessed values: taken as finite, read with the chosen block
+            trial = dict(measured)
+            trial.update(dict.fromkeys(tentative, 0))
+            codes, _ = sparse.infer(prog, derived, trial, args, implied, witnesses)
+        elif unknown:  # undecided codes are measured, on device
             measured.update(compiled.flag_values(prog, args, walker.run_callbacks, unknown))
             continue
         cands, reached, taint = taint_walk(
             prog, spans, esc, codes, arg_taints, arg_kinds, n_known, frozenset(intentional)
         )
+        if tentative and (
+            not cands
+            or not isinstance(cands[reached[0]] if reached else cands[0], tuple)
+            or spans[(cands[reached[0]] if reached else cands[0])[1]].start
+            <= max(made_at[u] for u in tentative)
+        ):  # the choice does not come after them: measure them first
+            measured.update(compiled.flag_values(prog, args, walker.run_callbacks, tentative))
+            continue
         if not cands:
             return FALLBACK if has_regions else None
         if not reached and has_regions:
@@ -328,8 +367,16 @@ def search(
             {i for k in span for i in prog.leaves[k].ins if not isinstance(i, tuple)} - made
         )
         env, given = compiled.values_of(
-            prog, args, needed, span.start, walker.run_callbacks, block=span
+            prog, args, needed + tentative, span.start, walker.run_callbacks, block=span
         )
+        if tentative:
+            real = {
+                u: int(nonfinite_kind(env[u] if u in needed else env.pop(u)) is not None)
+                for u in tentative
+            }
+            measured.update(real)
+            if any(real.values()):  # one was not finite: choose again with it
+                continue
         cleared = {  # implied non-finite, yet finite: the path downstream made it
             o: 0
             for k in (span if implied and given is not None else ())
