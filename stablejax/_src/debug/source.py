@@ -9,6 +9,7 @@ the call chain. This file turns the composed chain into what a user reads.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -54,6 +55,7 @@ class Frame(NamedTuple):
         return f"{self.file}:{self.line} ({self.function})"
 
 
+@functools.lru_cache(maxsize=8192)
 def is_user_file(file_name: str) -> bool:
     """Whether ``file_name`` is user code: not jax, flax, optax, chex, stablejax or stdlib glue.
 
@@ -66,6 +68,7 @@ def is_user_file(file_name: str) -> bool:
     return not any(part in file_name for part in _LIBRARY_PARTS)
 
 
+@functools.lru_cache(maxsize=8192)
 def is_optimizer_file(file_name: str) -> bool:
     """Whether ``file_name`` belongs to an optimizer library (optax, stablejax.optim)."""
     return any(part in file_name for part in _OPTIMIZER_PARTS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -73,6 +74,10 @@ def _host(x: Any) -> np.ndarray:
 
 def nonfinite_kind(x: Any) -> str | None:
     """``'nan'``, ``'inf'`` or ``None`` for a concrete float array (NaN wins)."""
+    if isinstance(x, (bool, int)):
+        return None
+    if isinstance(x, float):  # a literal of the program, most often
+        return None if math.isfinite(x) else ("nan" if math.isnan(x) else "inf")
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return _global_kind(x)
     arr = _host(x)
