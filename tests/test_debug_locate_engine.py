@@ -299,6 +299,20 @@ def _dense(monkeypatch):
     monkeypatch.setattr(sparse, "witnessed", lambda prog, f, phase="forward": (list(f), {}))
 
 
+def _planned_large(monkeypatch, step, args):
+    """``step``'s program planned as a large one is, in blocks of 24 leaves.
+
+    Returns the program, its escaping values and :func:`sparse.plan`'s answer.
+    """
+    from stablejax._src.debug import sparse
+
+    monkeypatch.setattr(compiled, "SMALL", 0)
+    monkeypatch.setattr(compiled, "BLOCK", 24)
+    prog = _flatten(step, *args)
+    esc = compiled.escaping(prog, compiled.blocks(prog))
+    return prog, esc, sparse.plan(prog, esc, births=True)
+
+
 def test_codes_from_the_outputs_drop_flags_and_keep_the_answer(tiny, no_full_walk, monkeypatch):
     # In a large program the outputs are measured on the host. A gradient read
     # only by the optimizer (its moments are outputs) and a forward activation
@@ -306,15 +320,10 @@ def test_codes_from_the_outputs_drop_flags_and_keep_the_answer(tiny, no_full_wal
     # finite output they reach proves them finite.
     from stablejax._src.debug import sparse
 
-    monkeypatch.setattr(compiled, "SMALL", 0)
-    monkeypatch.setattr(compiled, "BLOCK", 24)
     step, args = tiny
     leaves = list(jax.tree.leaves(args))
-    prog = _flatten(step, *args)
-    esc = compiled.escaping(prog, compiled.blocks(prog))
-    flagged, derived = sparse.thin(prog, esc)
-    left, implied = sparse.imply(prog, flagged, derived)
-    left, witnessed = sparse.witnessed(prog, left)
+    prog, esc, (left, derived, implied, witnessed) = _planned_large(monkeypatch, step, args)
+    flagged, _ = sparse.thin(prog, esc)
     phase = {o: leaf.phase for leaf in prog.leaves for o in leaf.outs}
     assert implied and witnessed and len(left) < 0.7 * len(flagged), (len(left), len(flagged))
     assert {phase[i] for i in witnessed} == {"forward"}
@@ -459,15 +468,9 @@ def test_finite_undecided_codes_cost_no_pass_of_their_own(tiny, monkeypatch):
     # their own (two without the tentative read), and the dense answer.
     from stablejax._src.debug import sparse
 
-    monkeypatch.setattr(compiled, "SMALL", 0)
-    monkeypatch.setattr(compiled, "BLOCK", 24)
     step, args = tiny
     leaves = list(jax.tree.leaves(args))
-    prog = _flatten(step, *args)
-    esc = compiled.escaping(prog, compiled.blocks(prog))
-    flagged, derived = sparse.thin(prog, esc)
-    left, implied = sparse.imply(prog, flagged, derived)
-    left, witnessed = sparse.witnessed(prog, left)
+    prog, _, (left, derived, implied, witnessed) = _planned_large(monkeypatch, step, args)
     measured = compiled.flag_values(prog, leaves, False, left, outputs=True)
     _, unknown = sparse.infer(prog, derived, measured, leaves, implied, witnessed)
     assert unknown and all(u in witnessed for u in unknown)

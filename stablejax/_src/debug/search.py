@@ -311,13 +311,9 @@ def search(
     spans = compiled.blocks(prog)
     esc = compiled.escaping(prog, spans)
     births = compiled.large(prog)
-    flagged, derived = sparse.thin(prog, esc, births=births)
-    implied: dict[int, Any] = {}
-    witnesses: dict[int, int] = {}
-    if births:  # the outputs are measured on the host: many codes follow from them
-        flagged, implied = sparse.imply(prog, flagged, derived)
-        flagged, witnesses = sparse.witnessed(prog, flagged)
-    # A large program's outputs are measured on the host, not flagged (sparse.thin).
+    # A large program's outputs are measured on the host, not flagged, and many
+    # codes follow from them (sparse.plan).
+    flagged, derived, implied, witnesses = sparse.plan(prog, esc, births)
     measured = compiled.flag_values(prog, args, walker.run_callbacks, flagged, outputs=births)
     arg_kinds = [nonfinite_kind(a) if is_float(a) else None for a in args]
     has_regions = any(leaf.region for leaf in prog.leaves)
@@ -338,11 +334,10 @@ def search(
         cands, reached, taint = taint_walk(
             prog, spans, esc, codes, arg_taints, arg_kinds, n_known, frozenset(intentional)
         )
+        first = (cands[reached[0]] if reached else cands[0]) if cands else None
         if tentative and (
-            not cands
-            or not isinstance(cands[reached[0]] if reached else cands[0], tuple)
-            or spans[(cands[reached[0]] if reached else cands[0])[1]].start
-            <= max(made_at[u] for u in tentative)
+            not isinstance(first, tuple)
+            or spans[first[1]].start <= max(made_at[u] for u in tentative)
         ):  # the choice does not come after them: measure them first
             measured.update(compiled.flag_values(prog, args, walker.run_callbacks, tentative))
             continue
@@ -350,7 +345,6 @@ def search(
             return FALLBACK if has_regions else None
         if not reached and has_regions:
             return FALLBACK
-        first = cands[reached[0]] if reached else cands[0]
         if not isinstance(first, tuple):  # an argument or a constant came in bad
             origin = walker.origins[first]
             return Found(

@@ -68,7 +68,7 @@ read only by Adam (197) and the forward activations (158).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -254,6 +254,32 @@ def witnessed(
     return keep, witnesses
 
 
+def _fed_by(derived: Mapping[int, tuple[Sequence[Any], Any]], seeds: Iterable[int]) -> set[int]:
+    """``seeds`` and every derived value whose operands, transitively, include one."""
+    fed = set(seeds)
+    for o, (ops, _) in derived.items():  # in execution order: operands come first
+        if any(not isinstance(i, tuple) and i in fed for i in ops):
+            fed.add(o)
+    return fed
+
+
+def plan(
+    prog: Any, esc: Sequence[Sequence[int]], births: bool
+) -> tuple[list[int], dict[int, Any], dict[int, Any], dict[int, int]]:
+    """What the compiled pass flags, and how every other code is found.
+
+    Returns ``(flagged, derived, implied, witnesses)``: :func:`thin`'s flags and
+    derived values, then, in a large program (``births``: its outputs measured on
+    the host), the flags :func:`imply` and :func:`witnessed` take from the outputs.
+    """
+    flagged, derived = thin(prog, esc, births=births)
+    if not births:
+        return flagged, derived, {}, {}
+    flagged, implied = imply(prog, flagged, derived)
+    flagged, witnesses = witnessed(prog, flagged)
+    return flagged, derived, implied, witnesses
+
+
 def imply(
     prog: Any,
     flagged: Sequence[int],
@@ -321,10 +347,7 @@ def imply(
             if found is not None:
                 chosen[v] = found
     while chosen:  # the other operands on a path must not depend on an implied value
-        impure = set(chosen)
-        for o, (ops, _) in derived.items():
-            if any(not isinstance(i, tuple) and i in impure for i in ops):
-                impure.add(o)
+        impure = _fed_by(derived, chosen)
         bad = [
             v
             for v, (_, sides) in chosen.items()
@@ -388,10 +411,7 @@ def infer(
                 codes[v] = 0 if bits & finite else 1
                 if codes[v]:
                     unknown.append(v)
-    impure = {v for v in implied if v not in codes}
-    for o, (ops, _) in derived.items():
-        if any(not isinstance(i, tuple) and i in impure for i in ops):
-            impure.add(o)
+    impure = _fed_by(derived, [v for v in implied if v not in codes])
 
     def derive(o: int, ops: Sequence[Any], den: Any) -> None:
         codes[o] = max((code(i) for i in ops), default=0)
