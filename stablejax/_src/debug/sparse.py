@@ -59,8 +59,9 @@ In a large program, the measured outputs also decide flags *upstream* of them:
   carry a non-finite element to their output (:data:`CARRY`, ``dot_general``
   and ``reduce_sum`` included) is finite when one of those outputs is. When
   none is (a NaN born in the forward pass reaches every output), its code is
-  undecided and measured in a second compiled pass, which XLA cuts down to the
-  values it needs.
+  undecided: a few such values are read with the chosen block's operands
+  (:func:`search.search`), more are measured in a second compiled pass traced
+  over their cone only.
 
 On the 12-layer d 512 bench step these leave 291 flags of 646: the gradients
 read only by Adam (197) and the forward activations (158).
@@ -215,7 +216,8 @@ def witnessed(
     the optimizer's moments. Those outputs are measured on the host. If one of
     them is finite, the activation is finite: exactly, whatever the other
     operands (``nan * 0`` is NaN, ``inf - inf`` is NaN). If none is, its code is
-    undecided and :func:`search.search` flags it in a second pass.
+    undecided, and :func:`search.search` reads it with the chosen block or
+    flags it in a second pass.
 
     Returns:
       ``(flagged, witnesses)``: the flags left, and per witnessed value id the
